@@ -1,0 +1,50 @@
+"""Agent settings: one frozen dataclass, a docstring per field with unit and default."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BACKEND_OVERHEAD = {"vxlan": 50, "host-gw": 0, "bgp": 0}
+"""Bytes each backend adds to a packet on the underlay (VXLAN: outer IP, UDP, VXLAN, Ethernet)."""
+
+DEFAULT_SOCKET = Path("/run/trellis/agent.sock")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    """This node's name, as in Kubernetes (default: the host name)."""
+    socket: Path = DEFAULT_SOCKET
+    """Unix socket the CNI executable talks to; created mode 0600 in a 0700 directory."""
+    state_dir: Path = Path("/var/lib/trellis")
+    """Where the agent keeps its files (the SQLite datastore by default)."""
+    datastore: str = "sqlite"
+    """Datastore kind: `sqlite` (embedded, one machine)."""
+    datastore_location: str = ""
+    """Datastore address; for sqlite the file (default: state_dir/trellis.db)."""
+    pools: tuple[ipaddress.IPv4Network, ...] = field(
+        default_factory=lambda: (ipaddress.IPv4Network("10.244.0.0/16"),)
+    )
+    """IP pools pod addresses come from (default 10.244.0.0/16)."""
+    block_prefixlen: int = 26
+    """Prefix length of the blocks a node claims from a pool (default 26: 64 addresses)."""
+    backend: str = "vxlan"
+    """Network backend: vxlan, host-gw or bgp (sets the MTU overhead)."""
+    mtu: int = 0
+    """Pod interface MTU in bytes; 0 means the uplink's MTU less the backend's overhead."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKEND_OVERHEAD:
+            raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKEND_OVERHEAD)}")
+        for pool in self.pools:
+            if not 0 < pool.prefixlen <= self.block_prefixlen <= 32:
+                raise ValueError(f"block size /{self.block_prefixlen} does not fit pool {pool}")
+
+    @property
+    def datastore_path(self) -> str:
+        return self.datastore_location or str(self.state_dir / "trellis.db")
+
+    def pod_mtu(self, uplink_mtu: int) -> int:
+        return self.mtu or uplink_mtu - BACKEND_OVERHEAD[self.backend]

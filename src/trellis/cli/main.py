@@ -1,0 +1,78 @@
+"""The `trellis` command."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from trellis.agent.config import BACKEND_OVERHEAD, DEFAULT_SOCKET, AgentConfig
+from trellis.cni.install import install
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from trellis.agent.main import run_agent
+
+    config = AgentConfig(
+        node=args.node,
+        socket=args.socket,
+        state_dir=args.state_dir,
+        datastore=args.datastore,
+        datastore_location=args.datastore_location,
+        pools=tuple(args.pool or [ipaddress.IPv4Network("10.244.0.0/16")]),
+        block_prefixlen=args.block_size,
+        backend=args.backend,
+        mtu=args.mtu,
+    )
+    run_agent(config)
+    return 0
+
+
+def _install_cni(args: argparse.Namespace) -> int:
+    plugin, conf = install(args.bin_dir, args.conf_dir, args.socket, args.mtu, chain=not args.no_chain)
+    print(f"installed {plugin} and {conf}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trellis", description="Trellis Kubernetes network plugin")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="run the node agent")
+    agent.add_argument("--node", default=socket.gethostname(), help="node name (default: host name)")
+    agent.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help=f"CNI socket (default {DEFAULT_SOCKET})")
+    agent.add_argument("--state-dir", type=Path, default=Path("/var/lib/trellis"))
+    agent.add_argument("--datastore", default="sqlite", choices=["sqlite"])
+    agent.add_argument("--datastore-location", default="", help="sqlite file (default STATE_DIR/trellis.db)")
+    agent.add_argument("--pool", type=ipaddress.IPv4Network, action="append", help="IP pool (repeatable)")
+    agent.add_argument("--block-size", type=int, default=26, help="block prefix length (default 26)")
+    agent.add_argument("--backend", default="vxlan", choices=sorted(BACKEND_OVERHEAD))
+    agent.add_argument("--mtu", type=int, default=0, help="pod MTU (default: uplink MTU less overhead)")
+    agent.set_defaults(func=_agent)
+
+    inst = sub.add_parser("install-cni", help="install the CNI plugin and conflist for a runtime")
+    inst.add_argument("--bin-dir", type=Path, default=Path("/opt/cni/bin"))
+    inst.add_argument("--conf-dir", type=Path, default=Path("/etc/cni/net.d"))
+    inst.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    inst.add_argument("--mtu", type=int, default=0)
+    inst.add_argument("--no-chain", action="store_true", help="leave portmap and bandwidth out")
+    inst.set_defaults(func=_install_cni)
+
+    from trellis.lab.cli import add_lab_parser
+
+    add_lab_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    sys.exit(args.func(args))

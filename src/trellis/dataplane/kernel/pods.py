@@ -1,0 +1,261 @@
+"""Pod plumbing: a routed veth per attachment, no bridge (as Calico and Cilium do it).
+
+The pod's interface gets a /32 and a default route via 169.254.1.1 on-link; the host end
+`trl<hash>` answers ARP for it by proxy (with no delay) and carries a /32 route to the pod
+marked with Trellis' route protocol. Nothing here is shared between pods, so there is no
+bridge to tune and policy attaches per host interface.
+
+Every operation is idempotent: adding what exists replaces it, deleting what is gone is
+done. A failed attach removes the veth it made before raising.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import queue
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from trellis.dataplane.kernel.netns import call_in_netns
+from trellis.model.ipam import Attachment
+from trellis.model.naming import POD_GATEWAY, ROUTE_PROTOCOL, host_veth_name, is_host_veth_name
+
+log = logging.getLogger(__name__)
+
+RTNH_F_ONLINK = 4
+RT_SCOPE_LINK = 253
+AF_INET = 2
+PROC_SYS = Path("/proc/sys/net")
+
+
+class KernelError(Exception):
+    """The kernel refused a change; names the object and carries the errno."""
+
+    def __init__(self, what: str, err: int) -> None:
+        super().__init__(f"{what}: {errno.errorcode.get(err, str(err))} ({os.strerror(err)})")
+        self.errno = err
+
+
+class NetnsMissing(Exception):
+    """The pod's network namespace does not exist (any more)."""
+
+
+@dataclass(frozen=True)
+class PodLink:
+    """What an attach made, as the CNI result reports it."""
+
+    host_name: str
+    host_mac: str
+    pod_ifname: str
+    pod_mac: str
+    mtu: int
+
+
+class _SocketPool:
+    """Netlink sockets of the agent's own namespace, kept open and lent one per operation."""
+
+    def __init__(self) -> None:
+        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    @contextmanager
+    def lease(self) -> Iterator[Any]:
+        try:
+            ipr = self._free.get_nowait()
+        except queue.Empty:
+            ipr = IPRoute()
+        try:
+            yield ipr
+        except BaseException:
+            ipr.close()  # a socket that saw an error may hold unread replies
+            raise
+        self._free.put(ipr)
+
+
+def _open_netns(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsMissing(path) from None
+
+
+@contextmanager
+def _pod_socket(netns: str) -> Iterator[Any]:
+    try:
+        ipr = call_in_netns(netns, IPRoute)
+    except FileNotFoundError:
+        raise NetnsMissing(netns) from None
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    (PROC_SYS / path).write_text(value)
+
+
+@contextmanager
+def _kernel(what: str) -> Iterator[None]:
+    """Turn a NetlinkError into a KernelError naming `what`."""
+    try:
+        yield
+    except NetlinkError as err:
+        raise KernelError(what, err.code) from None
+
+
+def _link_index(ipr: Any, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+class PodNetwork:
+    """Creates, checks and removes pod attachments in the namespace the agent runs in."""
+
+    def __init__(self) -> None:
+        self._pool = _SocketPool()
+
+    def attach(
+        self, attachment: Attachment, netns: str, address: ipaddress.IPv4Address, mtu: int
+    ) -> PodLink:
+        host = host_veth_name(attachment)
+        fd = _open_netns(netns)
+        try:
+            with self._pool.lease() as ipr:
+                self._remove_link(ipr, host)
+                with _kernel(f"veth {host} to {attachment.ifname} in {netns}"):
+                    ipr.link(
+                        "add",
+                        ifname=host,
+                        kind="veth",
+                        mtu=mtu,
+                        peer={"ifname": attachment.ifname, "net_ns_fd": fd, "mtu": mtu},
+                    )
+                try:
+                    return self._configure(ipr, host, attachment, netns, address, mtu)
+                except BaseException:
+                    self._remove_link(ipr, host)
+                    raise
+        except NetlinkError as err:
+            raise KernelError(f"veth {host}", err.code) from None
+        finally:
+            os.close(fd)
+
+    def _configure(
+        self,
+        ipr: Any,
+        host: str,
+        attachment: Attachment,
+        netns: str,
+        address: ipaddress.IPv4Address,
+        mtu: int,
+    ) -> PodLink:
+        host_index = _link_index(ipr, host)
+        if host_index is None:
+            raise KernelError(f"veth {host}", errno.ENODEV)
+        _write_sysctl(f"ipv4/conf/{host}/proxy_arp", "1")
+        _write_sysctl(f"ipv4/neigh/{host}/proxy_delay", "0")
+        ipr.link("set", index=host_index, state="up")
+        with _pod_socket(netns) as pod:
+            pod_index = _link_index(pod, attachment.ifname)
+            if pod_index is None:
+                raise KernelError(f"{attachment.ifname} in {netns}", errno.ENODEV)
+            lo = _link_index(pod, "lo")
+            if lo is not None:
+                pod.link("set", index=lo, state="up")
+            with _kernel(f"address {address}/32 on {attachment.ifname} in {netns}"):
+                pod.addr("replace", index=pod_index, address=str(address), prefixlen=32)
+            pod.link("set", index=pod_index, state="up")
+            with _kernel(f"default route via {POD_GATEWAY} in {netns}"):
+                pod.route(
+                    "replace", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=pod_index, flags=RTNH_F_ONLINK
+                )
+            pod_mac = str(pod.link("get", index=pod_index)[0].get_attr("IFLA_ADDRESS"))
+        with _kernel(f"route {address}/32 dev {host}"):
+            ipr.route(
+                "replace",
+                dst=f"{address}/32",
+                oif=host_index,
+                scope=RT_SCOPE_LINK,
+                proto=ROUTE_PROTOCOL,
+            )
+        host_mac = str(ipr.link("get", index=host_index)[0].get_attr("IFLA_ADDRESS"))
+        return PodLink(host, host_mac, attachment.ifname, pod_mac, mtu)
+
+    @staticmethod
+    def _remove_link(ipr: Any, name: str) -> bool:
+        """Delete link `name`; False when it was already gone."""
+        try:
+            ipr.link("del", ifname=name)
+        except NetlinkError as err:
+            if err.code in (errno.ENODEV, errno.ENOENT):
+                return False
+            raise KernelError(f"delete link {name}", err.code) from None
+        return True
+
+    def detach(self, attachment: Attachment) -> bool:
+        """Remove the attachment's veth (its peer and routes go with it); False if already gone."""
+        with self._pool.lease() as ipr:
+            return self._remove_link(ipr, host_veth_name(attachment))
+
+    def remove_links(self, names: list[str]) -> None:
+        with self._pool.lease() as ipr:
+            for name in names:
+                self._remove_link(ipr, name)
+
+    def host_links(self) -> list[str]:
+        """Names of every host veth Trellis made on this node."""
+        with self._pool.lease() as ipr:
+            return sorted(
+                name
+                for link in ipr.get_links()
+                if is_host_veth_name(name := str(link.get_attr("IFLA_IFNAME")))
+                and link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "veth"
+            )
+
+    def check(self, attachment: Attachment, netns: str, address: ipaddress.IPv4Address) -> list[str]:
+        """What differs from what attach makes; empty when the attachment is intact."""
+        host = host_veth_name(attachment)
+        problems: list[str] = []
+        with self._pool.lease() as ipr:
+            host_index = _link_index(ipr, host)
+            if host_index is None:
+                return [f"host interface {host} is missing"]
+            routes = ipr.get_routes(family=AF_INET, dst=str(address), dst_len=32, proto=ROUTE_PROTOCOL)
+            if not any(r.get_attr("RTA_OIF") == host_index for r in routes):
+                problems.append(f"route {address}/32 dev {host} is missing")
+        try:
+            with _pod_socket(netns) as pod:
+                pod_index = _link_index(pod, attachment.ifname)
+                if pod_index is None:
+                    return [*problems, f"{attachment.ifname} is missing in {netns}"]
+                addrs = {str(a.get_attr("IFA_ADDRESS")) for a in pod.get_addr(family=AF_INET, index=pod_index)}
+                if str(address) not in addrs:
+                    problems.append(f"{attachment.ifname} in {netns} lacks address {address}")
+                defaults = [
+                    r
+                    for r in pod.get_routes(family=AF_INET, dst_len=0)
+                    if r.get_attr("RTA_GATEWAY") == POD_GATEWAY and r.get_attr("RTA_OIF") == pod_index
+                ]
+                if not defaults:
+                    problems.append(f"default route via {POD_GATEWAY} is missing in {netns}")
+        except NetnsMissing:
+            problems.append(f"network namespace {netns} does not exist")
+        return problems
+
+    def uplink_mtu(self) -> int:
+        """MTU of the interface that holds the default route (or the first non-loopback); 1500 if none."""
+        with self._pool.lease() as ipr:
+            for route in ipr.get_routes(family=AF_INET, dst_len=0):
+                oif = route.get_attr("RTA_OIF")
+                if oif is not None:
+                    return int(ipr.link("get", index=oif)[0].get_attr("IFLA_MTU"))
+        return 1500
