@@ -8,6 +8,8 @@ every container's lock. Failures become the spec's error codes: datastore troubl
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import threading
 import time
@@ -15,15 +17,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from trellis.agent.config import AgentConfig
-from trellis.cni.spec import AddResult, Code, CniError, CniRequest, Interface, error_version
-from trellis.cni.spec import parse_request, prev_result_address, render_result
+from trellis.cni.spec import (
+    AddResult,
+    CniError,
+    CniRequest,
+    Code,
+    Interface,
+    error_version,
+    parse_request,
+    prev_result_address,
+    render_result,
+)
 from trellis.dataplane.kernel.pods import KernelError, NetnsMissing, PodNetwork
 from trellis.datastore.base import DatastoreError
 from trellis.ipam.allocator import AddressesExhausted, Ipam
 from trellis.model.naming import POD_GATEWAY, host_veth_name
-
-import ipaddress
-import json
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +94,9 @@ class CniService:
             elapsed = (time.perf_counter() - started) * 1000
             log.warning("%s %s failed in %.1f ms: %s", request.command, request.pod, elapsed, err.msg)
             return 1, err.to_json(request.version).encode()
-        log.info("%s %s done in %.1f ms", request.command, request.pod, (time.perf_counter() - started) * 1000)
+        log.info(
+            "%s %s done in %.1f ms", request.command, request.pod, (time.perf_counter() - started) * 1000
+        )
         return 0, out
 
     def _dispatch(self, request: CniRequest) -> bytes:
@@ -123,7 +133,14 @@ class CniService:
         except BaseException:
             self.ipam.release(attachment)
             raise
-        log.info("pod %s: %s/32 on %s (%s in %s)", request.pod, address, link.host_name, link.pod_ifname, request.netns)
+        log.info(
+            "pod %s: %s/32 on %s (%s in %s)",
+            request.pod,
+            address,
+            link.host_name,
+            link.pod_ifname,
+            request.netns,
+        )
         result = AddResult(
             host=Interface(link.host_name, link.host_mac, mtu=link.mtu),
             pod=Interface(link.pod_ifname, link.pod_mac, sandbox=request.netns, mtu=link.mtu),
@@ -173,5 +190,7 @@ class CniService:
         try:
             self.ipam.usage()
         except DatastoreError as err:
-            raise CniError(Code.NOT_AVAILABLE, f"node {self.config.node}: datastore unavailable: {err}") from err
+            raise CniError(
+                Code.NOT_AVAILABLE, f"node {self.config.node}: datastore unavailable: {err}"
+            ) from err
         return b""

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trellis.cni.client import decode_request
-from trellis.cni.spec import Code, CniError
+from trellis.cni.spec import CniError, Code
 
 log = logging.getLogger(__name__)
 

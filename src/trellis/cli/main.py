@@ -32,7 +32,7 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _install_cni(args: argparse.Namespace) -> int:
-    plugin, conf = install(args.bin_dir, args.conf_dir, args.socket, args.mtu, chain=not args.no_chain)
+    plugin, conf = install(args.bin_dir, args.conf_dir, args.socket, args.mtu, args.chain, args.cni_version)
     print(f"installed {plugin} and {conf}")
     return 0
 
@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent = sub.add_parser("agent", help="run the node agent")
     agent.add_argument("--node", default=socket.gethostname(), help="node name (default: host name)")
-    agent.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help=f"CNI socket (default {DEFAULT_SOCKET})")
+    agent.add_argument(
+        "--socket", type=Path, default=DEFAULT_SOCKET, help=f"CNI socket (default {DEFAULT_SOCKET})"
+    )
     agent.add_argument("--state-dir", type=Path, default=Path("/var/lib/trellis"))
     agent.add_argument("--datastore", default="sqlite", choices=["sqlite"])
     agent.add_argument("--datastore-location", default="", help="sqlite file (default STATE_DIR/trellis.db)")
@@ -59,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--conf-dir", type=Path, default=Path("/etc/cni/net.d"))
     inst.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
     inst.add_argument("--mtu", type=int, default=0)
-    inst.add_argument("--no-chain", action="store_true", help="leave portmap and bandwidth out")
+    inst.add_argument(
+        "--chain", action="store_true", help="chain the reference portmap and bandwidth plugins"
+    )
+    inst.add_argument(
+        "--cni-version", default="1.1.0", help="conflist cniVersion (1.0.0 for Debian's plugins)"
+    )
     inst.set_defaults(func=_install_cni)
 
     from trellis.lab.cli import add_lab_parser

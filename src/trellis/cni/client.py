@@ -14,10 +14,9 @@ Wire format (version 1), both directions over one unix stream connection:
   reply:    b"<exit code>\\n" + bytes for stdout
 """
 
+import _socket
 import os
 import sys
-
-import _socket
 
 AGENT_SOCKET = "/run/trellis/agent.sock"
 """Where the agent listens; `trellis install-cni` rewrites this line."""

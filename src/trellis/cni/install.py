@@ -1,9 +1,9 @@
 """`trellis install-cni`: put the plugin and its conflist where a container runtime looks.
 
 The plugin is `trellis.cni.client` copied as one file, with the agent's socket written in,
-and run by the fastest interpreter on the node (Debian's `/usr/bin/python3 -IS` starts
-in about 6 ms; a shebang passes one argument, hence the joined flags). Both files are written to a temporary name and renamed, so a runtime never
-reads half a file.
+and run by the fastest interpreter on the node: Debian's `/usr/bin/python3 -IS` starts in
+about 6 ms (a shebang passes one argument, hence the joined flags). Both files are written
+to a temporary name and renamed, so a runtime never reads half a file.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ def plugin_source(agent_socket: Path, python: Path | None = None) -> str:
     return f"#!{interpreter} -IS\n# Installed by `trellis install-cni`; do not edit.\n{body}"
 
 
-def conflist(mtu: int = 0, chain: bool = True) -> dict[str, Any]:
-    """The network config: Trellis first, then the reference portmap and bandwidth plugins."""
+def conflist(mtu: int = 0, chain: bool = False, version: str = "1.1.0") -> dict[str, Any]:
+    """The network config: Trellis, and with `chain` the reference portmap and bandwidth after it.
+
+    Chained plugins must speak `version`: Debian's reference plugins (1.1.1) stop at 1.0.0.
+    """
     trellis: dict[str, Any] = {"type": PLUGIN_NAME}
     if mtu:
         trellis["mtu"] = mtu
@@ -43,7 +46,7 @@ def conflist(mtu: int = 0, chain: bool = True) -> dict[str, Any]:
             {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
             {"type": "bandwidth", "capabilities": {"bandwidth": True}},
         ]
-    return {"cniVersion": "1.1.0", "name": NETWORK_NAME, "plugins": plugins}
+    return {"cniVersion": version, "name": NETWORK_NAME, "plugins": plugins}
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
@@ -54,10 +57,17 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
     tmp.replace(path)
 
 
-def install(bin_dir: Path, conf_dir: Path, agent_socket: Path, mtu: int = 0, chain: bool = True) -> tuple[Path, Path]:
+def install(
+    bin_dir: Path,
+    conf_dir: Path,
+    agent_socket: Path,
+    mtu: int = 0,
+    chain: bool = False,
+    version: str = "1.1.0",
+) -> tuple[Path, Path]:
     """Write the plugin and the conflist; returns their paths."""
     plugin = bin_dir / PLUGIN_NAME
     _write_atomic(plugin, plugin_source(agent_socket), 0o755)
     conf = conf_dir / CONFLIST_NAME
-    _write_atomic(conf, json.dumps(conflist(mtu, chain), indent=2) + "\n", 0o644)
+    _write_atomic(conf, json.dumps(conflist(mtu, chain, version), indent=2) + "\n", 0o644)
     return plugin, conf

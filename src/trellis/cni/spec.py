@@ -182,14 +182,18 @@ def parse_request(env: dict[str, str], stdin: bytes) -> CniRequest:
     except ValueError as err:
         raise CniError(Code.DECODE_FAILURE, f"network config on stdin is not JSON: {err}") from None
     if not isinstance(conf, dict):
-        raise CniError(Code.DECODE_FAILURE, f"network config must be a JSON object, got {type(conf).__name__}")
+        raise CniError(
+            Code.DECODE_FAILURE, f"network config must be a JSON object, got {type(conf).__name__}"
+        )
     version = _choose_version(conf)
     name = conf.get("name")
     if not isinstance(name, str) or not _NETWORK_NAME.match(name):
         raise CniError(Code.INVALID_CONFIG, f"config key name {name!r} is not a valid network name")
     plugin_type = conf.get("type")
     if plugin_type != PLUGIN_TYPE:
-        raise CniError(Code.INVALID_CONFIG, f"config key type is {plugin_type!r}; this plugin is {PLUGIN_TYPE!r}")
+        raise CniError(
+            Code.INVALID_CONFIG, f"config key type is {plugin_type!r}; this plugin is {PLUGIN_TYPE!r}"
+        )
     mtu = conf.get("mtu", 0)
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not (mtu == 0 or 576 <= mtu <= 65535):
         raise CniError(Code.INVALID_CONFIG, f"config key mtu {mtu!r} is not an integer in 576..65535")

@@ -19,7 +19,8 @@ from typing import Any
 from trellis.datastore.base import KV, AlreadyExists, Conflict, Unavailable
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, mod_revision INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
+    " mod_revision INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0)",
 )

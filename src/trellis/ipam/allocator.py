@@ -63,7 +63,9 @@ class Ipam:
                 mine.append((block, kv.mod_revision))
         return mine, taken
 
-    def _retrying(self, what: str, attempt: Callable[[], ipaddress.IPv4Address | None]) -> ipaddress.IPv4Address | None:
+    def _retrying(
+        self, what: str, attempt: Callable[[], ipaddress.IPv4Address | None]
+    ) -> ipaddress.IPv4Address | None:
         with self._lock:
             for _ in range(MAX_ATTEMPTS):
                 try:
@@ -142,7 +144,6 @@ class Ipam:
                     self._store_block(block.without(stale), rev, len(mine))
                     freed.extend(stale)
                     log.info("GC released %s from block %s", ", ".join(map(str, stale)), block.cidr)
-            return None
 
         self._retrying("garbage collection", attempt)
         return freed
@@ -161,4 +162,6 @@ class Ipam:
 
     def usage(self) -> list[BlockUsage]:
         mine, _ = self._blocks()
-        return [BlockUsage(b.cidr, len(b.allocations), b.size) for b, _ in sorted(mine, key=lambda i: i[0].cidr)]
+        return [
+            BlockUsage(b.cidr, len(b.allocations), b.size) for b, _ in sorted(mine, key=lambda i: i[0].cidr)
+        ]

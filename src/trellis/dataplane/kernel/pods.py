@@ -123,9 +123,7 @@ class PodNetwork:
     def __init__(self) -> None:
         self._pool = _SocketPool()
 
-    def attach(
-        self, attachment: Attachment, netns: str, address: ipaddress.IPv4Address, mtu: int
-    ) -> PodLink:
+    def attach(self, attachment: Attachment, netns: str, address: ipaddress.IPv4Address, mtu: int) -> PodLink:
         host = host_veth_name(attachment)
         fd = _open_netns(netns)
         try:
@@ -175,9 +173,7 @@ class PodNetwork:
                 pod.addr("replace", index=pod_index, address=str(address), prefixlen=32)
             pod.link("set", index=pod_index, state="up")
             with _kernel(f"default route via {POD_GATEWAY} in {netns}"):
-                pod.route(
-                    "replace", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=pod_index, flags=RTNH_F_ONLINK
-                )
+                pod.route("replace", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=pod_index, flags=RTNH_F_ONLINK)
             pod_mac = str(pod.link("get", index=pod_index)[0].get_attr("IFLA_ADDRESS"))
         with _kernel(f"route {address}/32 dev {host}"):
             ipr.route(
@@ -237,7 +233,9 @@ class PodNetwork:
                 pod_index = _link_index(pod, attachment.ifname)
                 if pod_index is None:
                     return [*problems, f"{attachment.ifname} is missing in {netns}"]
-                addrs = {str(a.get_attr("IFA_ADDRESS")) for a in pod.get_addr(family=AF_INET, index=pod_index)}
+                addrs = {
+                    str(a.get_attr("IFA_ADDRESS")) for a in pod.get_addr(family=AF_INET, index=pod_index)
+                }
                 if str(address) not in addrs:
                     problems.append(f"{attachment.ifname} in {netns} lacks address {address}")
                 defaults = [
