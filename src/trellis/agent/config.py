@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BACKEND_OVERHEAD = {"vxlan": 50, "host-gw": 0, "bgp": 0}
+BACKEND_OVERHEAD = {"vxlan": 50, "vxlan-cross-subnet": 50, "host-gw": 0, "bgp": 0}
 """Bytes each backend adds to a packet on the underlay (VXLAN: outer IP, UDP, VXLAN, Ethernet)."""
 
 DEFAULT_SOCKET = Path("/run/trellis/agent.sock")
@@ -21,9 +21,9 @@ class AgentConfig:
     state_dir: Path = Path("/var/lib/trellis")
     """Where the agent keeps its files (the SQLite datastore by default)."""
     datastore: str = "sqlite"
-    """Datastore kind: `sqlite` (embedded, one machine)."""
+    """Datastore kind: `sqlite` (embedded, one machine) or `etcd` (many machines)."""
     datastore_location: str = ""
-    """Datastore address; for sqlite the file (default: state_dir/trellis.db)."""
+    """Datastore address: for sqlite the file (default: state_dir/trellis.db), for etcd a URL."""
     pools: tuple[ipaddress.IPv4Network, ...] = field(
         default_factory=lambda: (ipaddress.IPv4Network("10.244.0.0/16"),)
     )
@@ -31,9 +31,19 @@ class AgentConfig:
     block_prefixlen: int = 26
     """Prefix length of the blocks a node claims from a pool (default 26: 64 addresses)."""
     backend: str = "vxlan"
-    """Network backend: vxlan, host-gw or bgp (sets the MTU overhead)."""
+    """Network backend: vxlan, host-gw, vxlan-cross-subnet or bgp (routes from BIRD; not yet built)."""
     mtu: int = 0
     """Pod interface MTU in bytes; 0 means the uplink's MTU less the backend's overhead."""
+    uplink: str = ""
+    """Underlay interface; empty means the one holding the default route."""
+    vxlan_vni: int = 1
+    """VXLAN network identifier of `trl.vxlan` (default 1)."""
+    vxlan_port: int = 8472
+    """VXLAN UDP port (default 8472, as Flannel; 4789 is IANA's)."""
+    node_ttl_s: int = 10
+    """Seconds the node's registration outlives a dead agent (its lease TTL; default 10)."""
+    dead_node_grace_s: float = 60.0
+    """Seconds a node may be gone before its blocks go back to the pool (default 60)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_OVERHEAD:

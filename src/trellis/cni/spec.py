@@ -105,7 +105,7 @@ def error_version(stdin: bytes) -> str:
     """The config's cniVersion if it can be read, for shaping an error; else 1.1.0."""
     try:
         version = json.loads(stdin).get("cniVersion")
-    except (ValueError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         return "1.1.0"
     return version if isinstance(version, str) and version in SUPPORTED_VERSIONS else "1.1.0"
 
@@ -179,7 +179,7 @@ def parse_request(env: dict[str, str], stdin: bytes) -> CniRequest:
     _check_env(env, command)
     try:
         conf = json.loads(stdin)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than the decoder goes
         raise CniError(Code.DECODE_FAILURE, f"network config on stdin is not JSON: {err}") from None
     if not isinstance(conf, dict):
         raise CniError(
@@ -267,10 +267,12 @@ def render_result(result: AddResult, version: str) -> dict[str, Any]:
 
 def prev_result_address(prev: dict[str, Any]) -> ipaddress.IPv4Interface:
     """The pod address a CHECK's prevResult records (the first IPv4 entry)."""
-    for ip in prev.get("ips", []):
+    ips = prev.get("ips")
+    for ip in ips if isinstance(ips, list) else ():
+        text = ip.get("address") if isinstance(ip, dict) else None
         try:
-            address = ipaddress.ip_interface(ip.get("address", ""))
-        except (ValueError, AttributeError):
+            address = ipaddress.ip_interface(text) if isinstance(text, str) else None
+        except ValueError:
             continue
         if isinstance(address, ipaddress.IPv4Interface):
             return address

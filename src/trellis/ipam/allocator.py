@@ -138,23 +138,25 @@ class Ipam:
 
         def attempt() -> None:
             mine, _ = self._blocks()
+            held = len(mine)  # counts down as empty blocks go back, so the node keeps its last
             for block, rev in mine:
                 stale = [a for a, alloc in block.allocations.items() if alloc.attachment not in keep]
                 if stale:
-                    self._store_block(block.without(stale), rev, len(mine))
+                    held -= self._store_block(block.without(stale), rev, held)
                     freed.extend(stale)
                     log.info("GC released %s from block %s", ", ".join(map(str, stale)), block.cidr)
 
         self._retrying("garbage collection", attempt)
         return freed
 
-    def _store_block(self, block: Block, rev: int, held: int) -> None:
-        """Write a block back; an empty block goes back to the pool unless it is the node's last."""
+    def _store_block(self, block: Block, rev: int, held: int) -> bool:
+        """Write a block back; an empty block goes back to the pool (True) unless it is the node's last."""
         if not block.allocations and held > 1:
             self.store.delete(block.key, rev)
             log.info("node %s gave back empty block %s", self.node, block.cidr)
-        else:
-            self.store.update(block.key, block.to_json(), rev)
+            return True
+        self.store.update(block.key, block.to_json(), rev)
+        return False
 
     def attachments(self) -> dict[Attachment, ipaddress.IPv4Address]:
         mine, _ = self._blocks()

@@ -1,11 +1,190 @@
-"""`trellis lab ...` (placeholder until the lab lands)."""
+"""`trellis lab ...`: the commands of DESIGN.md §4, a virtual cluster on this machine.
+
+Every command takes `--name` (default `lab`). Expected failures (no such lab, a bad manifest,
+an unknown pod) print one line to stderr and exit 1, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+
+from trellis.lab import cluster, demo
+from trellis.lab.errors import LabError
+from trellis.lab.manifest import PROTOCOLS, LabObject, parse
+from trellis.lab.probe import checks_for, probe
+from trellis.lab.process import in_netns
+from trellis.lab.state import LabPaths, check_lab_name, load
+from trellis.lab.views import matrix_table, nodes_table, pods_table
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _paths(args: argparse.Namespace) -> LabPaths:
+    return LabPaths(args.name)
+
+
+def _read_manifest(source: str) -> list[LabObject]:
+    if source == "-":
+        return parse(sys.stdin.read(), "<stdin>")
+    try:
+        text = Path(source).read_text()
+    except OSError as err:
+        raise LabError(f"{source}: {err.strerror}") from None
+    return parse(text, source)
+
+
+def _up(args: argparse.Namespace) -> int:
+    cluster.up(args.name, args.nodes, args.backend, args.datastore, report=print)
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    removed = cluster.down(args.name)
+    print(f"lab {args.name} {'removed' if removed else 'does not exist: nothing to remove'}")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    # --no-wait is accepted now: agents program nothing beyond CNI yet, so there is nothing to wait on.
+    cluster.apply(args.name, _read_manifest(args.filename), report=print)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    cluster.delete(args.name, _read_manifest(args.filename), report=print)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    state = load(_paths(args))
+    matrices = probe(cluster.endpoints(state), checks_for(args.port, args.protocol))
+    if args.output == "json":
+        out: Any = [m.to_json() for m in matrices]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+        return 0
+    console = Console()
+    for matrix in matrices:
+        console.print(matrix_table(matrix))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    paths = _paths(args)
+    state = load(paths)
+    nodes = cluster.node_status(paths, state)
+    if args.output == "json":
+        print(json.dumps(cluster.status_json(paths, state, nodes), indent=2))
+        return 0
+    console = Console()
+    console.print(nodes_table(state, nodes))
+    console.print(pods_table(state))
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    paths = _paths(args)
+    for name, value in cluster.env_exports(paths, load(paths), args.node).items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    pod = load(_paths(args)).pod(args.pod)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise LabError(f"give the command after --, as in: trellis lab exec {args.pod} -- ip addr")
+    sys.stdout.flush()
+    try:
+        in_netns(pod.netns)()  # this process has one thread: it may switch namespace, then exec
+    except OSError as err:
+        raise LabError(f"pod {args.pod}: cannot enter {pod.netns}: {err.strerror}") from None
+    try:
+        os.execvp(command[0], command)
+    except OSError as err:
+        raise LabError(f"{command[0]}: {err.strerror}") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return demo.run(args.name, Console())
+
+
+def _guarded(handler: Handler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except LabError as err:
+            print(f"trellis lab {args.lab_command}: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"trellis lab {args.lab_command}: interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+def _lab_name(text: str) -> str:
+    try:
+        return check_lab_name(text)
+    except LabError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_lab_parser(sub: Any) -> None:
-    lab: argparse.ArgumentParser = sub.add_parser("lab", help="a virtual cluster on this machine")
-    lab.set_defaults(func=lambda _args: 2)
+    lab: argparse.ArgumentParser = sub.add_parser(
+        "lab",
+        help="a virtual cluster on this machine",
+        description="A virtual cluster on this machine: network namespaces for a fabric, its nodes "
+        "and their pods, a real agent per node, pods attached by the real CNI plugin.",
+    )
+    commands = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", default="lab", type=_lab_name, help="the lab (default: lab)")
+
+    def command(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(
+            name, parents=[common], help=text, description=text
+        )
+        parser.set_defaults(func=_guarded(handler))
+        return parser
+
+    up = command("up", _up, "build a lab: a fabric, nodes with their agents, the default namespace")
+    up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    up.add_argument("--backend", choices=cluster.BACKENDS, default="vxlan", help="default vxlan")
+    up.add_argument("--datastore", choices=cluster.DATASTORES, default="sqlite", help="default sqlite")
+
+    for name, handler, text in (
+        ("apply", _apply, "create or update the Namespaces and Pods of a YAML file"),
+        ("delete", _delete, "delete the Namespaces (with their pods) and Pods of a YAML file"),
+    ):
+        parser = command(name, handler, text)
+        parser.add_argument("-f", "--filename", required=True, help="the YAML file ('-': stdin)")
+        parser.add_argument("--no-wait", action="store_true", help="return without waiting for the agents")
+
+    probe_parser = command("probe", _probe, "measure pod-to-pod reachability with real packets")
+    probe_parser.add_argument("--port", type=int, help="one port (default: 80 and 81)")
+    probe_parser.add_argument(
+        "--protocol", type=str.upper, choices=PROTOCOLS, help="one protocol (default: TCP and UDP)"
+    )
+    probe_parser.add_argument("--output", choices=("table", "json"), default="table", help="default table")
+
+    exec_parser = command("exec", _exec, "run a command inside a pod's network namespace")
+    exec_parser.add_argument("pod", help="NAMESPACE/POD")
+    exec_parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD...")
+
+    env = command("env", _env, "print the exports for calling a node's CNI plugin by hand")
+    env.add_argument("node", help="node-1, node-2, ...")
+
+    status = command("status", _status, "nodes, agents and pods of the lab")
+    status.add_argument("--output", choices=("table", "json"), default="table", help="default table")
+
+    command("down", _down, "remove every namespace, link, process and file of the lab")
+    command("demo", _demo, "the guided tour: up, pods, the reachability matrix, down")

@@ -1,0 +1,463 @@
+"""CNI latency: Trellis against the Go reference `bridge` + `host-local`, on one node, in one run.
+
+What it measures: the wall time a container runtime spends on one pod's CNI ADD and on its
+DEL (exec of the plugin, the plugin's work, its reply), for the `trellis` plugin talking to a
+real `trellis agent`, and for Debian's reference `bridge` plugin with `host-local` IPAM. Each
+iteration attaches a fresh pod namespace to each, alternating which goes first, so both
+share the machine's noise. Beside it: the plugin executable's start-up alone (CNI VERSION,
+answered without the agent) against an empty script on the same interpreter (the floor no
+Python plugin can beat) and against the Go plugin's start-up; and the agent's own time per
+request, read from its log ("ADD ... done in X ms").
+
+Why: the runtime execs the plugin for every pod, so this is Trellis' share of pod start-up.
+The target is ADD and DEL p50 at most 1.5x the reference, measured on the same machine.
+
+How plugins are exec'd matters as much as what they do: a Go runtime (containerd, CRI-O)
+already lives in the node's namespace and execs with vfork. `--exec spawn` (the default) does
+the same from a thread inside the node namespace; `--exec fork` uses `CniRuntime`'s own path,
+a `preexec_fn` that enters the namespace, which forces a full fork of this process (about
+3 ms more per exec, on both sides, which flatters the ratio).
+
+Everything runs in throwaway namespaces named `trlb-<tag>-*`: a node namespace with an
+uplink (a veth to a second `trlb` namespace, an address and a default route, so the host
+veths' proxy ARP for 169.254.1.1 has a route to answer for), the agent inside it, and the
+pods. Teardown always runs and removes exactly what the run made; the machine's own
+namespace is never changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from trellis.cni.install import install
+from trellis.dataplane.kernel.netns import netns_path, setns
+from trellis.lab.runtime import CniRuntime, Invocation, PluginError
+
+NETNS_PREFIX = "trlb"
+"""Prefix of every namespace this benchmark creates (and the only ones it removes)."""
+REFERENCE_CNI_PATH = Path("/usr/lib/cni")
+REFERENCE_SUBNET = "10.250.0.0/16"
+"""host-local's range for the reference; apart from Trellis' default pool 10.244.0.0/16."""
+UPLINK_NET = "192.0.2"
+"""TEST-NET-1: the node's uplink is .2, its default gateway .1 in the second namespace."""
+TARGET_RATIO = 1.5
+"""The issue's target: Trellis ADD and DEL p50 at most this multiple of the reference."""
+AGENT_READY_S = 30.0
+RESULTS = Path(__file__).resolve().parent / "results" / "cni_latency.json"
+AGENT_DONE = re.compile(r"\b(ADD|DEL) (\S+) done in ([0-9.]+) ms")
+
+Samples = dict[str, list[float]]
+"""Milliseconds per measured quantity, e.g. {"trellis ADD": [...], ...}."""
+Probe = Callable[[int, bool], dict[str, float]]
+"""One step of an iteration: (iteration, measured?) -> {quantity: milliseconds}."""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@dataclass
+class Scratch:
+    """What one run creates, so that teardown removes exactly that and nothing else."""
+
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="trlb-")))
+    namespaces: list[str] = field(default_factory=list)
+    agent: subprocess.Popen[bytes] | None = None
+
+    def add_netns(self, role: str) -> str:
+        name = f"{NETNS_PREFIX}-{self.tag}-{role}"
+        _ip("netns", "add", name)
+        self.namespaces.append(name)
+        return name
+
+    def close(self) -> None:
+        if self.agent is not None and self.agent.poll() is None:
+            self.agent.terminate()
+            try:
+                self.agent.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait()
+        for name in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+        self.namespaces.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextmanager
+def scratch() -> Iterator[Scratch]:
+    made = Scratch()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def build_node(run: Scratch) -> str:
+    """The node namespace: lo up, uplink `trlb-up` with an address and a default route."""
+    node = run.add_netns("node")
+    gateway = run.add_netns("gw")
+    _ip("-n", node, "link", "add", "trlb-up", "type", "veth", "peer", "name", "trlb-down", "netns", gateway)
+    for netns, ifname, host in ((node, "trlb-up", 2), (gateway, "trlb-down", 1)):
+        _ip("-n", netns, "link", "set", "lo", "up")
+        _ip("-n", netns, "addr", "add", f"{UPLINK_NET}.{host}/24", "dev", ifname)
+        _ip("-n", netns, "link", "set", ifname, "up")
+    _ip("-n", node, "route", "add", "default", "via", f"{UPLINK_NET}.1")
+    return node
+
+
+def _enter(netns: str) -> Callable[[], None]:
+    """Moves the calling thread into `netns`: a forked child's preexec_fn, or a worker's initializer."""
+    path = netns_path(netns)
+
+    def enter() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        setns(fd)
+        os.close(fd)
+
+    return enter
+
+
+def start_agent(run: Scratch, node: str, socket: Path) -> Path:
+    """Start `trellis agent` inside `node`; returns its log file."""
+    trellis = Path(sys.executable).with_name("trellis")
+    log = run.tmp / "agent.log"
+    with log.open("wb") as out:
+        run.agent = subprocess.Popen(
+            [str(trellis), "agent", "--node", "bench", "--socket", str(socket), "--state-dir", str(run.tmp)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_enter(node),  # noqa: PLW1509 - this process runs no other threads
+        )
+    return log
+
+
+def wait_ready(run: Scratch, runtime: CniRuntime, log: Path) -> None:
+    """Poll CNI STATUS through the plugin until the agent answers, or fail at the deadline."""
+    assert run.agent is not None
+    deadline = time.monotonic() + AGENT_READY_S
+    while True:
+        if run.agent.poll() is not None:
+            tail = log.read_text()[-2000:]
+            raise RuntimeError(f"trellis agent exited with {run.agent.returncode}:\n{tail}")
+        try:
+            runtime.status()
+            return
+        except PluginError as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"trellis agent not ready after {AGENT_READY_S:.0f} s: {err}") from None
+        time.sleep(0.05)
+
+
+class NodeThreadRuntime(CniRuntime):
+    """Execs plugins the way a Go runtime living on the node does: no setns in the child.
+
+    `CniRuntime` with a node namespace enters it in a `preexec_fn`, which makes Python fork
+    the whole (large) parent instead of vfork'ing: about 3 ms more per exec here. This one
+    execs from one dedicated thread that entered the node namespace once and does nothing
+    else, so the child inherits the namespace and `subprocess` can use vfork, as Go does.
+    """
+
+    def __init__(
+        self, conflist: Path, cni_path: list[Path], cache_dir: Path, node: ThreadPoolExecutor
+    ) -> None:
+        super().__init__(conflist, cni_path, cache_dir, node_netns=None)
+        self.node = node
+
+    def exec_plugin(self, plugin: Path, env: dict[str, str], stdin: bytes) -> Invocation:
+        return self.node.submit(super().exec_plugin, plugin, env, stdin).result()
+
+
+def node_thread(node: str) -> ThreadPoolExecutor:
+    """One worker thread that enters `node` first and serves only plugin execs."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-exec", initializer=_enter(node))
+
+
+def reference_conflist(conf_dir: Path, data_dir: Path) -> Path:
+    """`bridge` (gateway on the bridge, no masquerade) with `host-local` IPAM, at cniVersion 1.0.0."""
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "trlb-ref",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "trlb-br0",
+                "isGateway": True,
+                "ipMasq": False,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": REFERENCE_SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": str(data_dir),
+                },
+            }
+        ],
+    }
+    path = conf_dir / "20-trlb-ref.conflist"
+    path.write_text(json.dumps(conf, indent=2) + "\n")
+    return path
+
+
+def floor_script(bin_dir: Path, plugin: Path) -> Path:
+    """An empty script on the plugin's own shebang line: `python3 -IS -c pass`, exec'd like the plugin."""
+    shebang = plugin.read_text().partition("\n")[0]
+    floor = bin_dir / "floor"
+    floor.write_text(shebang + "\n")
+    floor.chmod(0o755)
+    return floor
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def attach_probe(run: Scratch, name: str, runtime: CniRuntime) -> Probe:
+    """ADD then DEL of a fresh pod namespace through `runtime`; namespace creation is not timed.
+
+    The pod namespaces are removed at teardown, not here: the kernel dismantles a namespace
+    asynchronously, tens of milliseconds of RCU work that would land on whichever probe runs next.
+    """
+
+    def probe(i: int, measured: bool) -> dict[str, float]:
+        pod = netns_path(run.add_netns(f"{name[:3]}{i}"))
+        container_id = secrets.token_hex(32)
+        args = {
+            "IgnoreUnknown": "1",  # the reference plugins refuse unknown CNI_ARGS without it
+            "K8S_POD_NAMESPACE": "bench",
+            "K8S_POD_NAME": f"{'m' if measured else 'w'}{i}",
+            "K8S_POD_INFRA_CONTAINER_ID": container_id,
+        }
+        started = time.perf_counter()
+        runtime.add(container_id, pod, args=args)
+        added = _elapsed_ms(started)
+        started = time.perf_counter()
+        runtime.delete(container_id, pod, args=args)
+        return {f"{name} ADD": added, f"{name} DEL": _elapsed_ms(started)}
+
+    return probe
+
+
+def timed_probe(name: str, call: Callable[[], object]) -> Probe:
+    """The wall time of `call()`, as quantity `name`."""
+
+    def probe(_i: int, _measured: bool) -> dict[str, float]:
+        started = time.perf_counter()
+        call()
+        return {name: _elapsed_ms(started)}
+
+    return probe
+
+
+def version(runtime: CniRuntime, plugin: Path) -> Callable[[], object]:
+    """One exec of `plugin` with CNI_COMMAND=VERSION, exactly as `runtime` execs plugins."""
+    stdin = json.dumps({"cniVersion": "1.0.0"}).encode()
+
+    def call() -> None:
+        inv = runtime.exec_plugin(plugin, {"CNI_COMMAND": "VERSION"}, stdin)
+        if inv.exit_code != 0:
+            raise RuntimeError(f"{plugin} VERSION exited {inv.exit_code}: {inv.stderr.decode()[-500:]}")
+
+    return call
+
+
+def run_probes(rivals: list[Probe], extras: list[Probe], warmup: int, count: int) -> Samples:
+    """Per iteration the rivals, then the extras; each group's order reversed every other iteration.
+
+    So each rival runs first (after the previous iteration's extras) as often as second (after
+    the other rival): neither always inherits the other's leftover kernel work.
+    """
+    samples: Samples = {}
+    for i in range(warmup + count):
+        measured = i >= warmup
+        for group in (rivals, extras):
+            for probe in group if i % 2 == 0 else reversed(group):
+                for quantity, ms in probe(i, measured).items():
+                    if measured:
+                        samples.setdefault(quantity, []).append(ms)
+    return samples
+
+
+def agent_samples(log: Path) -> Samples:
+    """The agent's own time per measured request, from its "ADD <pod> done in X ms" lines."""
+    samples: Samples = {}
+    for match in AGENT_DONE.finditer(log.read_text()):
+        command, pod, ms = match.groups()
+        if pod.startswith("bench/m"):
+            samples.setdefault(f"agent {command}", []).append(float(ms))
+    return samples
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": round(cuts[49], 2), "p90": round(cuts[89], 2)}
+
+
+def summarize(samples: Samples) -> dict[str, dict[str, float]]:
+    return {quantity: percentiles(values) for quantity, values in samples.items()}
+
+
+def ratios(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {
+        command: {
+            p: round(summary[f"trellis {command}"][p] / summary[f"reference {command}"][p], 2)
+            for p in ("p50", "p90")
+        }
+        for command in ("ADD", "DEL")
+    }
+
+
+def _table(title: str, columns: list[str]) -> Table:
+    table = Table(title=title)
+    for n, column in enumerate(columns):
+        table.add_column(column, justify="right" if n else "left")
+    return table
+
+
+def render(result: dict[str, Any]) -> None:
+    summary: dict[str, dict[str, float]] = result["ms"]
+    ratio: dict[str, dict[str, float]] = result["ratio"]
+    console = Console()
+    table = _table(
+        f"CNI latency, ms ({result['count']} pods each, exec: {result['exec']}; "
+        f"target: ratio p50 <= {TARGET_RATIO})",
+        ["", "trellis p50", "p90", "reference p50", "p90", "ratio p50", "p90", "target"],
+    )
+    for command in ("ADD", "DEL"):
+        mine, ref, r = summary[f"trellis {command}"], summary[f"reference {command}"], ratio[command]
+        met = "[green]met[/]" if r["p50"] <= TARGET_RATIO else "[red]missed[/]"
+        figures = [mine["p50"], mine["p90"], ref["p50"], ref["p90"]]
+        table.add_row(command, *(f"{v:.1f}" for v in figures), f"{r['p50']:.2f}x", f"{r['p90']:.2f}x", met)
+    console.print(table)
+    parts = _table("Start-up and agent time, ms", ["", "p50", "p90"])
+    for quantity, label in (
+        ("trellis VERSION", "trellis plugin start-up alone (VERSION, no agent)"),
+        ("trellis STATUS", "trellis STATUS (start-up + one agent round trip)"),
+        ("floor", "floor: python3 -IS on an empty script"),
+        ("reference VERSION", "Go bridge start-up (VERSION)"),
+        ("agent ADD", "trellis agent's own ADD (from its log)"),
+        ("agent DEL", "trellis agent's own DEL (from its log)"),
+    ):
+        if quantity in summary:
+            parts.add_row(label, f"{summary[quantity]['p50']:.1f}", f"{summary[quantity]['p90']:.1f}")
+    if "agent ADD" in summary:
+        rest = summary["trellis ADD"]["p50"] - summary["trellis VERSION"]["p50"] - summary["agent ADD"]["p50"]
+        parts.add_row("rest of trellis ADD: socket, dispatch (p50 difference)", f"{rest:.1f}", "")
+    console.print(parts)
+    start, end = result["loadavg_1min"]
+    console.print(f"1-minute load average at start {start:.2f}, at end {end:.2f} (other work adds noise)")
+
+
+def _interpreter(plugin: Path) -> dict[str, str]:
+    shebang = plugin.read_text().partition("\n")[0].removeprefix("#!")
+    exe = shebang.split()[0]
+    version = subprocess.run(
+        [exe, "-c", "import sys; print(sys.version)"], check=True, capture_output=True, text=True
+    )
+    return {"bench": sys.version, "plugin_shebang": shebang, "plugin": version.stdout.strip()}
+
+
+def measure(count: int, warmup: int, exec_mode: str) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    with scratch() as run, ExitStack() as stack:
+        node = build_node(run)
+        bin_dir, conf_dir, socket = run.tmp / "bin", run.tmp / "net.d", run.tmp / "agent.sock"
+        plugin, trellis_conf = install(bin_dir, conf_dir, socket)
+        log = start_agent(run, node, socket)
+        ref_conf = reference_conflist(conf_dir, run.tmp / "host-local")
+        if exec_mode == "fork":
+            trellis = CniRuntime(trellis_conf, [bin_dir], run.tmp / "cache-trellis", node)
+            reference = CniRuntime(ref_conf, [REFERENCE_CNI_PATH], run.tmp / "cache-ref", node)
+        else:
+            thread = stack.enter_context(node_thread(node))
+            trellis = NodeThreadRuntime(trellis_conf, [bin_dir], run.tmp / "cache-trellis", thread)
+            reference = NodeThreadRuntime(ref_conf, [REFERENCE_CNI_PATH], run.tmp / "cache-ref", thread)
+        wait_ready(run, trellis, log)
+        rivals = [attach_probe(run, "trellis", trellis), attach_probe(run, "reference", reference)]
+        extras = [
+            timed_probe("trellis VERSION", version(trellis, plugin)),
+            timed_probe("trellis STATUS", trellis.status),
+            timed_probe("floor", version(trellis, floor_script(bin_dir, plugin))),
+            timed_probe("reference VERSION", version(reference, REFERENCE_CNI_PATH / "bridge")),
+        ]
+        samples = run_probes(rivals, extras, warmup, count)
+        samples.update(agent_samples(log))
+        interpreter = _interpreter(plugin)
+    summary = summarize(samples)
+    return {
+        "benchmark": "cni_latency",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "count": count,
+        "warmup": warmup,
+        "exec": exec_mode,
+        "interpreter": interpreter,
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "loadavg_1min": [load_before, os.getloadavg()[0]],
+        "reference": "Debian containernetworking-plugins bridge + host-local, cniVersion 1.0.0",
+        "target": f"trellis ADD and DEL p50 <= {TARGET_RATIO}x reference",
+        "ms": summary,
+        "ratio": ratios(summary),
+        "samples_ms": {q: [round(v, 3) for v in values] for q, values in samples.items()},
+    }
+
+
+def _terminate(signum: int, _frame: object) -> NoReturn:
+    sys.exit(128 + signum)  # unwinds through the teardown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else None)
+    parser.add_argument("--count", type=int, default=100, help="measured pods per plugin (default 100)")
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured iterations first (default 5)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON file (default {RESULTS})")
+    parser.add_argument(
+        "--exec",
+        choices=["spawn", "fork"],
+        default="spawn",
+        help="how plugins are exec'd: spawn (vfork from a thread in the node namespace, as a Go "
+        "runtime does; default) or fork (CniRuntime's preexec setns, a full fork of this process)",
+    )
+    parser.add_argument("--output", choices=["table", "json"], default="table")
+    args = parser.parse_args(argv)
+    if args.count < 2:
+        parser.error("--count must be at least 2")
+    if os.geteuid() != 0:
+        parser.error("needs root: it creates network namespaces")
+    signal.signal(signal.SIGTERM, _terminate)
+    result = measure(args.count, args.warmup, args.exec)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    if args.output == "json":
+        print(json.dumps({k: v for k, v in result.items() if k != "samples_ms"}, indent=2))
+    else:
+        render(result)
+        print(f"written to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The node's place in the cluster: registration, and routes to every other node's blocks.
+
+Data flows one way (DESIGN.md §2): the syncer feeds `ClusterView` every object under
+`/trellis/`; an update only stores it and wakes the reconciler. The reconciler, one thread,
+computes the desired state with pure code (`calc`) and hands it to the drivers, which diff
+against the kernel and change only what differs. Nothing is written to the kernel before the
+first snapshot has arrived, so a restarted agent adopts live state instead of flushing it.
+
+Liveness: the node's object is held under a datastore lease renewed every third of its TTL. A
+node that stops cleanly revokes it (its routes vanish everywhere at once); one that dies lets
+it expire. Blocks of a node absent longer than the grace period are given back to the pool by
+whichever agent notices first (compare-and-swap makes that safe when several do).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trellis.agent.config import AgentConfig
+from trellis.calc.cluster import Cluster, parse_cluster
+from trellis.calc.routes import DesiredRoutes, compute_routes
+from trellis.dataplane.kernel import nft
+from trellis.dataplane.kernel.netlink import SocketPool
+from trellis.dataplane.kernel.overlay import Overlay, VxlanSpec
+from trellis.dataplane.render.nft import NatState, render_table
+from trellis.datastore.base import KV, Conflict, Datastore, DatastoreError, Event, EventKind, LeaseExpired
+from trellis.datastore.syncer import Syncer
+from trellis.ipam.allocator import Ipam
+from trellis.model.ipam import Attachment, block_key
+from trellis.model.node import Node
+
+log = logging.getLogger(__name__)
+
+CLUSTER_PREFIX = "/trellis/"
+VTEP_ATTACHMENT = Attachment("trellis:vtep", "trl.vxlan")
+"""The IPAM handle of the node's tunnel address (':' never occurs in a runtime's container ID)."""
+RESYNC_S = 30.0
+"""Reconcile at least this often even without changes, repairing what others changed."""
+
+
+class ClusterView:
+    """Every object under `/trellis/`, as the syncer delivers it (a SyncConsumer)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[str, dict[str, Any]] = {}
+        self.changed = threading.Event()
+        self.synced = threading.Event()
+
+    def on_snapshot(self, items: list[KV], revision: int) -> None:
+        with self._lock:
+            self._objects = {kv.key: kv.value for kv in items}
+        log.info("datastore in sync at revision %d (%d objects)", revision, len(items))
+        self.synced.set()
+        self.changed.set()
+
+    def on_update(self, events: list[Event]) -> None:
+        with self._lock:
+            for event in events:
+                if event.kind is EventKind.PUT and event.value is not None:
+                    self._objects[event.key] = event.value
+                else:
+                    self._objects.pop(event.key, None)
+        self.changed.set()
+
+    def on_out_of_sync(self, reason: str) -> None:
+        log.warning("datastore out of sync (%s): keeping the kernel as it is until it returns", reason)
+
+    def cluster(self) -> Cluster:
+        with self._lock:
+            return parse_cluster(dict(self._objects))
+
+
+class NetworkController:
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: Datastore,
+        ipam: Ipam,
+        pool: SocketPool,
+        uplink: tuple[str, ipaddress.IPv4Interface],
+        mtu: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.ipam = ipam
+        self.overlay = Overlay(pool)
+        self.uplink_name, self.underlay = uplink
+        self.mtu = mtu
+        self.clock = clock
+        self.view = ClusterView()
+        self.syncer = Syncer(store, CLUSTER_PREFIX, self.view)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lease = 0
+        self._node: Node | None = None
+        self._absent_since: dict[str, float] = {}
+        self._last_nat: list[dict[str, Any]] | None = None
+        self.programmed = threading.Event()
+        """Set once the first reconcile after sync has programmed the kernel."""
+
+    @property
+    def uses_vxlan(self) -> bool:
+        return self.config.backend in ("vxlan", "vxlan-cross-subnet")
+
+    def start(self) -> None:
+        self.syncer.start()
+        thread = threading.Thread(target=self._run, name="network", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, leave: bool) -> None:
+        """Stop threads; with `leave`, revoke the node's lease so peers drop its routes now."""
+        self._stopping.set()
+        self.view.changed.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.syncer.stop()
+        if leave and self._lease:
+            try:
+                self.store.revoke_lease(self._lease)
+                log.info("node %s left the cluster", self.config.node)
+            except DatastoreError as err:
+                log.warning("could not revoke the node lease: %s", err)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set() and not self.view.synced.wait(timeout=0.5):
+            pass
+        registered_at = 0.0
+        while not self._stopping.is_set():
+            try:
+                if self._node is None:
+                    self._register()
+                    registered_at = self.clock()
+                elif self.clock() - registered_at >= self.config.node_ttl_s / 3:
+                    self._keepalive()
+                    registered_at = self.clock()
+                self.reconcile()
+            except DatastoreError as err:
+                log.warning("datastore unavailable, keeping the kernel as it is: %s", err)
+            self.view.changed.wait(timeout=min(RESYNC_S, self.config.node_ttl_s / 3))
+            self.view.changed.clear()
+
+    def _register(self) -> None:
+        vtep_mac, vtep_ip = "", None
+        if self.uses_vxlan:
+            vtep_ip = self.ipam.assign(VTEP_ATTACHMENT, f"node {self.config.node} tunnel")
+            spec = VxlanSpec(
+                vni=self.config.vxlan_vni,
+                port=self.config.vxlan_port,
+                underlay_ip=self.underlay.ip,
+                underlay_dev=self.uplink_name,
+                mtu=self.mtu,
+                vtep_ip=vtep_ip,
+            )
+            vtep_mac = self.overlay.ensure_vxlan(spec)
+        else:
+            self.overlay.remove_vxlan()
+        _enable_forwarding()
+        node = Node(self.config.node, self.underlay, vtep_mac, vtep_ip)
+        self._lease = self.store.grant_lease(self.config.node_ttl_s)
+        self.store.put(node.key, node.to_json(), lease=self._lease)
+        self._node = node
+        log.info(
+            "node %s registered: underlay %s on %s%s",
+            node.name,
+            node.underlay,
+            self.uplink_name,
+            f", VTEP {vtep_mac} {vtep_ip}" if vtep_ip else "",
+        )
+
+    def _keepalive(self) -> None:
+        try:
+            self.store.keepalive(self._lease)
+        except LeaseExpired:
+            log.warning("node lease expired: registering again")
+            self._node = None
+            self._register()
+
+    def reconcile(self) -> DesiredRoutes:
+        cluster = self.view.cluster()
+        desired = compute_routes(self.config.backend, self.config.node, cluster.nodes, cluster.blocks)
+        changes = self.overlay.apply(desired, self.uplink_name)
+        if changes:
+            log.info(
+                "routes: %d added, %d removed (%d routes, %d VXLAN peers)",
+                changes.added,
+                changes.removed,
+                len(desired.routes),
+                len(desired.peers),
+            )
+        for problem in desired.problems:
+            log.warning("%s", problem)
+        self._apply_nat(cluster)
+        self._release_dead_blocks(cluster)
+        self.programmed.set()
+        return desired
+
+    def _apply_nat(self, cluster: Cluster) -> None:
+        nodes = frozenset(ipaddress.IPv4Network(f"{n.underlay.ip}/32") for n in cluster.nodes.values())
+        pools = frozenset(self.config.pools)
+        commands = render_table(NatState(pod_nets=pools, cluster_nets=pools | nodes))
+        if commands != self._last_nat:
+            nft.apply(commands)
+            self._last_nat = commands
+            log.info("nftables table inet trl replaced (%d cluster destinations)", len(pools | nodes))
+
+    def _release_dead_blocks(self, cluster: Cluster) -> None:
+        now = self.clock()
+        owners = {owner for _, owner in cluster.blocks}
+        for name in owners - set(cluster.nodes):
+            since = self._absent_since.setdefault(name, now)
+            if now - since < self.config.dead_node_grace_s:
+                continue
+            for cidr, owner in cluster.blocks:
+                if owner != name:
+                    continue
+                kv = self.store.get(block_key(cidr))
+                if kv is None:
+                    continue
+                try:
+                    self.store.delete(kv.key, kv.mod_revision)
+                    log.info("released block %s of node %s (absent for %.0f s)", cidr, name, now - since)
+                except Conflict:
+                    pass  # another agent did it, or the node came back
+        for name in set(self._absent_since) - owners:
+            del self._absent_since[name]
+        for name in set(self._absent_since) & set(cluster.nodes):
+            del self._absent_since[name]
+
+
+def _enable_forwarding() -> None:
+    """The node routes pod traffic (in the agent's network namespace, as every CNI does)."""
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1")

@@ -1,0 +1,193 @@
+"""The lab's underlay: a fabric namespace with a bridge, and a namespace per node wired to it.
+
+Why everything is made from inside the namespaces: the lab must never touch the machine's
+own network. A node's uplink is a veth created by a netlink socket opened in the fabric
+namespace, with its peer placed in the node's namespace in the same request, so no link ever
+appears, even briefly, in the root namespace. A namespace is made the way iproute2 and
+container runtimes make one: a throwaway thread unshares its network namespace and
+bind-mounts it at /run/netns/NAME, then ends (`dataplane/kernel/netns.py` explains why a
+thread that switched namespace must not live on).
+
+Layout of a lab with underlay 172.31.L.0/24:
+  fabric `trl-<lab>-fabric`:  bridge `trl-br0` 172.31.L.1/24, ports `trl-p<k>`
+  node k `trl-<lab>-node-k`:  `trl-eth0` 172.31.L.(10+k)/24, default route via 172.31.L.1,
+                              ip_forward on (a Kubernetes node routes between its pods)
+The default route is also what lets each pod's host veth answer ARP for 169.254.1.1 by proxy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from trellis.dataplane.kernel.netns import CLONE_NEWNET, NETNS_RUN_DIR, call_in_netns, netns_path
+from trellis.lab.errors import LabError
+
+BRIDGE = "trl-br0"
+NODE_UPLINK = "trl-eth0"
+
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SHARED = 0x100000
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def fabric_port(index: int) -> str:
+    """The fabric side of node `index`'s uplink."""
+    return f"trl-p{index}"
+
+
+def _libc_call(what: str, result: int) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _in_new_thread(func: Callable[[], None]) -> None:
+    """Run `func` in a thread of its own, which then ends; re-raise its error here."""
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            func()
+        except BaseException as err:  # handed to the caller below
+            failure.append(err)
+
+    thread = threading.Thread(target=body, name="trl-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _shared_run_dir() -> None:
+    """Make /run/netns a shared mount, as `ip netns add` does.
+
+    Then a namespace mounted there later propagates to mount namespaces copied from this one
+    (a container's, say), and so does its removal; otherwise a copy would pin it forever.
+    """
+    NETNS_RUN_DIR.mkdir(parents=True, exist_ok=True)
+    run_dir = bytes(NETNS_RUN_DIR)
+    if _libc.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None) == 0:
+        return
+    if ctypes.get_errno() != errno.EINVAL:
+        _libc_call(f"make {NETNS_RUN_DIR} shared", -1)
+    # Not a mount point yet: bind-mount the directory onto itself, then share it.
+    _libc_call(f"bind {NETNS_RUN_DIR}", _libc.mount(run_dir, run_dir, b"none", MS_BIND | MS_REC, None))
+    _libc_call(f"make {NETNS_RUN_DIR} shared", _libc.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None))
+
+
+def netns_exists(name: str) -> bool:
+    return Path(netns_path(name)).exists()
+
+
+def create_netns(name: str) -> None:
+    """Create network namespace `name` (as `ip netns add`); LabError if it exists."""
+    _shared_run_dir()
+    path = Path(netns_path(name))
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    except FileExistsError:
+        raise LabError(f"network namespace {name} already exists (not made by this lab?)") from None
+
+    def unshare_and_mount() -> None:
+        _libc_call(f"unshare for {name}", _libc.unshare(CLONE_NEWNET))
+        source = b"/proc/thread-self/ns/net"
+        _libc_call(f"mount {path}", _libc.mount(source, bytes(path), b"none", MS_BIND, None))
+
+    try:
+        _in_new_thread(unshare_and_mount)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def remove_netns(name: str) -> bool:
+    """Remove network namespace `name` (as `ip netns del`); False if it did not exist.
+
+    The kernel frees the namespace, and every link in it, once no process is inside.
+    """
+    path = Path(netns_path(name))
+    if _libc.umount2(bytes(path), MNT_DETACH) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
+        _libc_call(f"unmount {path}", -1)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@contextmanager
+def _netlink(netns: str, what: str) -> Iterator[Any]:
+    """An IPRoute socket of namespace `netns`; a refused request becomes a LabError naming `what`."""
+    ipr = call_in_netns(netns, IPRoute)
+    try:
+        yield ipr
+    except NetlinkError as err:
+        raise LabError(f"{what} in {netns}: {os.strerror(err.code)}") from None
+    finally:
+        ipr.close()
+
+
+def _index(ipr: Any, name: str) -> int:
+    return int(ipr.link_lookup(ifname=name)[0])
+
+
+def _up(ipr: Any, name: str) -> int:
+    index = _index(ipr, name)
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def build_fabric(netns: str, gateway: ipaddress.IPv4Interface) -> None:
+    """The fabric namespace: its bridge holds the underlay's gateway address."""
+    create_netns(netns)
+    with _netlink(netns, f"bridge {BRIDGE}") as ipr:
+        _up(ipr, "lo")
+        ipr.link("add", ifname=BRIDGE, kind="bridge")
+        index = _index(ipr, BRIDGE)
+        ipr.addr("add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
+        ipr.link("set", index=index, state="up")
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    Path("/proc/sys/net", path).write_text(value)
+
+
+def add_node(
+    fabric: str,
+    index: int,
+    netns: str,
+    address: ipaddress.IPv4Interface,
+    gateway: ipaddress.IPv4Address,
+) -> None:
+    """Node namespace `netns` with its uplink on the fabric bridge, its address and default route."""
+    create_netns(netns)
+    port = fabric_port(index)
+    fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _netlink(fabric, f"veth {port} to {NODE_UPLINK} of {netns}") as ipr:
+            ipr.link("add", ifname=port, kind="veth", peer={"ifname": NODE_UPLINK, "net_ns_fd": fd})
+            ipr.link("set", index=_index(ipr, port), master=_index(ipr, BRIDGE), state="up")
+    finally:
+        os.close(fd)
+    with _netlink(netns, f"{NODE_UPLINK} {address}") as ipr:
+        _up(ipr, "lo")
+        uplink = _index(ipr, NODE_UPLINK)
+        ipr.addr("add", index=uplink, address=str(address.ip), prefixlen=address.network.prefixlen)
+        ipr.link("set", index=uplink, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=uplink)
+    # /proc/sys/net shows the namespace of the thread that opens it.
+    call_in_netns(netns, lambda: _write_sysctl("ipv4/ip_forward", "1"))

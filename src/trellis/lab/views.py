@@ -1,0 +1,71 @@
+"""How the lab shows itself to people: rich tables of nodes, pods and reachability.
+
+Machines get `--output json` (built in `cluster.status_json` and `probe.Matrix.to_json`);
+these tables are for eyes only, shared by the CLI and the demo.
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from trellis.lab.cluster import NodeStatus
+from trellis.lab.probe import Matrix
+from trellis.lab.state import LabState
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def nodes_table(state: LabState, nodes: list[NodeStatus]) -> Table:
+    table = Table(
+        title=f"lab {state.name}: backend {state.backend}, datastore {state.datastore}, "
+        f"underlay {state.underlay}",
+        title_justify="left",
+    )
+    for column in ("node", "netns", "underlay IP", "agent PID", "restarts", "ready"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(
+            node.name,
+            node.netns,
+            str(node.underlay_ip),
+            "-" if node.agent is None else str(node.agent.pid),
+            str(node.restarts),
+            "[green]yes[/]" if node.ready else "[red]no[/]",
+        )
+    return table
+
+
+def pods_table(state: LabState) -> Table:
+    table = Table(title=f"{len(state.pods)} pod(s)", title_justify="left")
+    for column in ("pod", "node", "IP", "ports", "labels"):
+        table.add_column(column)
+    for pod in sorted(state.pods.values(), key=lambda p: p.key):
+        table.add_row(
+            pod.key,
+            pod.node,
+            "-" if pod.ip is None else str(pod.ip),
+            " ".join(map(str, pod.ports)),
+            _labels(pod.labels),
+        )
+    return table
+
+
+def matrix_table(matrix: Matrix) -> Table:
+    """Rows are sources, columns destinations; the diagonal (a pod to itself) is not probed."""
+    names = list(matrix.results)
+    table = Table(
+        title=f"{matrix.check}: {matrix.reachable} of {matrix.pairs} pairs reachable",
+        title_justify="left",
+    )
+    table.add_column("from \\ to")
+    for name in names:
+        table.add_column(name, justify="center")
+    for src in names:
+        row = matrix.results[src]
+        cells = [
+            "[dim]·[/]" if dst not in row else "[green]✓[/]" if row[dst] else "[red]✗[/]" for dst in names
+        ]
+        table.add_row(src, *cells)
+    return table

@@ -1,0 +1,127 @@
+"""The lab's manifest parser: what it reads from Kubernetes YAML, and what it refuses, whole (no root)."""
+
+from __future__ import annotations
+
+import pytest
+
+from trellis.lab.manifest import (
+    DEFAULT_PORTS,
+    NAMESPACE_NAME_LABEL,
+    ContainerPort,
+    ManifestError,
+    NamespaceObject,
+    PodObject,
+    parse,
+)
+
+MANIFEST = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: x
+  labels: {team: red}
+---
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {app: web, example.com/tier: "1"}}
+spec:
+  nodeName: node-2
+  containers:
+  - name: main
+    ports:
+    - {name: http, containerPort: 8080}
+    - {containerPort: 53, protocol: UDP}
+  - name: side
+    ports: [{containerPort: 9090, protocol: TCP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b}
+"""
+
+
+def test_reads_namespaces_and_pods_in_order() -> None:
+    ns, a, b = parse(MANIFEST, "m.yaml")
+    assert ns == NamespaceObject("x", {"team": "red"})
+    assert a == PodObject(
+        namespace="x",
+        name="a",
+        labels={"app": "web", "example.com/tier": "1"},
+        node_name="node-2",
+        ports=(ContainerPort(8080, "TCP", "http"), ContainerPort(53, "UDP"), ContainerPort(9090, "TCP")),
+    )
+    assert b == PodObject("default", "b")
+
+
+def test_a_pod_without_ports_listens_on_80_and_81_tcp_and_udp() -> None:
+    (pod,) = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", "m")
+    assert isinstance(pod, PodObject)
+    assert pod.ports == ()
+    assert sorted(map(str, pod.listen_ports)) == ["80/TCP", "80/UDP", "81/TCP", "81/UDP"]
+    assert pod.listen_ports == DEFAULT_PORTS
+
+
+def test_a_namespace_gets_its_name_label_as_the_api_server_sets_it() -> None:
+    ns = NamespaceObject("x", {"team": "red", NAMESPACE_NAME_LABEL: "forged"})
+    assert ns.effective_labels == {"team": "red", NAMESPACE_NAME_LABEL: "x"}
+
+
+def test_port_round_trips_through_json() -> None:
+    port = ContainerPort(53, "UDP", "dns")
+    assert ContainerPort.from_json(port.to_json()) == port
+
+
+POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            POD + "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+            "m.yaml: document 2: kind 'Deployment' is not supported by the lab (supported: Namespace, Pod)",
+        ),
+        ("kind: Pod\nmetadata: {name: p\n", "m.yaml: invalid YAML at line 3, column 1"),
+        ("- just\n- a list\n", "m.yaml: document 1: not a mapping"),
+        ("apiVersion: v2\nkind: Pod\nmetadata: {name: p}\n", "document 1: Pod needs apiVersion v1, got 'v2'"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {}\n", "document 1: metadata.name is required"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: Big}\n", "metadata.name 'Big' is not a valid name"),
+        ("apiVersion: v1\nkind: Namespace\nmetadata: {name: a.b}\n", "metadata.name 'a.b' is not a valid"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: X}\n", "metadata.namespace 'X' is not"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {tier: 1}}\n", "must be a string, got 1"),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {'-x': a}}\n",
+            "'-x' is not a valid label key",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {nodeName: 3}\n",
+            "spec.nodeName must be a str",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+            "spec: {containers: [{ports: [{containerPort: 0}]}]}\n",
+            "spec.containers[0].ports[0].containerPort must be an integer in 1..65535, got 0",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+            "spec: {containers: [{ports: [{containerPort: 5, protocol: SCTP}]}]}\n",
+            "protocol must be one of TCP, UDP, got 'SCTP'",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+            "spec: {containers: [{ports: [{containerPort: 5}]}, {ports: [{containerPort: 5}]}]}\n",
+            "port 5/TCP is declared twice",
+        ),
+        (POD + "---\n" + POD, "document 2: Pod default/p is already defined in document 1"),
+    ],
+)
+def test_refuses_with_one_line_naming_file_document_and_field(text: str, message: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse(text, "m.yaml")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_empty_documents_are_skipped() -> None:
+    assert parse("---\n---\n", "m") == []
