@@ -17,7 +17,8 @@ from trellis.agent.cni_service import CniService
 from trellis.agent.config import AgentConfig
 from trellis.agent.server import CniServer
 from trellis.cni import client
-from trellis.dataplane.kernel.pods import KernelError, NetnsMissing, PodLink, PodNetwork
+from trellis.dataplane.kernel.netlink import KernelError, SocketPool
+from trellis.dataplane.kernel.pods import NetnsMissing, PodLink, PodNetwork
 from trellis.datastore.base import KV, Unavailable
 from trellis.datastore.sqlite import SqliteDatastore
 from trellis.ipam.allocator import Ipam
@@ -31,7 +32,7 @@ class FakePods(PodNetwork):
     """Pod plumbing as a dict of host link name to (netns, address); can be told to fail."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(SocketPool())  # the pool opens no socket until lent
         self.links: dict[str, tuple[str, ipaddress.IPv4Address]] = {}
         self.fail: Exception | None = None
 
@@ -56,9 +57,6 @@ class FakePods(PodNetwork):
         link = self.links.get(host_veth_name(attachment))
         return [] if link == (netns, address) else ["host interface is missing or differs"]
 
-    def uplink_mtu(self) -> int:
-        return 1500
-
 
 class SwitchableStore(SqliteDatastore):
     """A SQLite store whose reads fail as Unavailable while `down` is set."""
@@ -81,7 +79,7 @@ class Agent:
             node="n1", state_dir=tmp_path, pools=(POOL,), block_prefixlen=29, backend="vxlan"
         )
         self.ipam = Ipam(self.store, "n1", config.pools, config.block_prefixlen)
-        self.service = CniService(config, self.ipam, self.pods)
+        self.service = CniService(config, self.ipam, self.pods, config.pod_mtu(1500))
 
     def call(self, command: str, stdin: bytes | None = None, **env: str) -> tuple[int, bytes]:
         return self.service.handle(cni_env(command, **env), net_conf() if stdin is None else stdin)

@@ -28,7 +28,8 @@ from trellis.cni.spec import (
     prev_result_address,
     render_result,
 )
-from trellis.dataplane.kernel.pods import KernelError, NetnsMissing, PodNetwork
+from trellis.dataplane.kernel.netlink import KernelError
+from trellis.dataplane.kernel.pods import NetnsMissing, PodNetwork
 from trellis.datastore.base import DatastoreError
 from trellis.ipam.allocator import AddressesExhausted, Ipam
 from trellis.model.naming import POD_GATEWAY, host_veth_name
@@ -73,11 +74,12 @@ class _ContainerLocks:
 
 
 class CniService:
-    def __init__(self, config: AgentConfig, ipam: Ipam, pods: PodNetwork) -> None:
+    def __init__(self, config: AgentConfig, ipam: Ipam, pods: PodNetwork, mtu: int) -> None:
         self.config = config
         self.ipam = ipam
         self.pods = pods
-        self.mtu = config.pod_mtu(pods.uplink_mtu())
+        self.mtu = mtu
+        """Pod MTU when the network config sets none."""
         self._locks = _ContainerLocks()
 
     def handle(self, env: dict[str, str], stdin: bytes) -> tuple[int, bytes]:

@@ -9,20 +9,47 @@ from types import FrameType
 
 from trellis.agent.cni_service import CniService
 from trellis.agent.config import AgentConfig
+from trellis.agent.network import NetworkController
 from trellis.agent.server import CniServer
+from trellis.calc.routes import BACKENDS
+from trellis.dataplane.kernel.netlink import SocketPool, find_uplink
 from trellis.dataplane.kernel.pods import PodNetwork
 from trellis.datastore import open_datastore
 from trellis.ipam.allocator import Ipam
 
 log = logging.getLogger(__name__)
 
+DEFAULT_UPLINK_MTU = 1500
+
 
 def run_agent(config: AgentConfig) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT.
+
+    Stopping does not leave the cluster: a restarted agent (an upgrade, a crash) re-registers
+    well within the node lease's TTL and peers keep their routes. Removing a node is an
+    operation on the datastore (as deleting a Node object is in Kubernetes).
+    """
     store = open_datastore(config.datastore, config.datastore_path)
     ipam = Ipam(store, config.node, config.pools, config.block_prefixlen)
-    service = CniService(config, ipam, PodNetwork())
+    pool = SocketPool()
+    uplink = find_uplink(pool, config.uplink)
+    mtu = config.pod_mtu(uplink.mtu if uplink else DEFAULT_UPLINK_MTU)
+    service = CniService(config, ipam, PodNetwork(pool), mtu)
     server = CniServer(config.socket, service.handle)
+    network: NetworkController | None = None
+    if config.backend not in BACKENDS:
+        log.error(
+            "backend %s cannot route between nodes in this version: pods reach their own node only",
+            config.backend,
+        )
+    elif uplink is None or uplink.address is None:
+        log.error(
+            "no uplink with an IPv4 address (%s): pods reach their own node only",
+            config.uplink or "default route",
+        )
+    else:
+        network = NetworkController(config, store, ipam, pool, (uplink.name, uplink.address), mtu)
+        network.start()
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
@@ -31,17 +58,20 @@ def run_agent(config: AgentConfig) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info(
-        "agent for node %s serving %s (datastore %s %s, pools %s, pod MTU %d)",
+        "agent for node %s serving %s (datastore %s %s, backend %s, pools %s, pod MTU %d)",
         config.node,
         config.socket,
         config.datastore,
         config.datastore_path,
+        config.backend,
         ", ".join(map(str, config.pools)),
-        service.mtu,
+        mtu,
     )
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        if network is not None:
+            network.stop()
         store.close()
         log.info("agent for node %s stopped", config.node)

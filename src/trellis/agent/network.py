@@ -6,9 +6,10 @@ computes the desired state with pure code (`calc`) and hands it to the drivers, 
 against the kernel and change only what differs. Nothing is written to the kernel before the
 first snapshot has arrived, so a restarted agent adopts live state instead of flushing it.
 
-Liveness: the node's object is held under a datastore lease renewed every third of its TTL. A
-node that stops cleanly revokes it (its routes vanish everywhere at once); one that dies lets
-it expire. Blocks of a node absent longer than the grace period are given back to the pool by
+Liveness: the node's object is held under a datastore lease renewed every third of its TTL.
+An agent that stops or dies leaves it to expire, so a restart (upgrade, crash) within the TTL
+disturbs nothing; removing a node is deleting its object, and its routes vanish everywhere at
+once. Blocks of a node absent longer than the grace period are given back to the pool by
 whichever agent notices first (compare-and-swap makes that safe when several do).
 """
 
@@ -32,14 +33,14 @@ from trellis.dataplane.render.nft import NatState, render_table
 from trellis.datastore.base import KV, Conflict, Datastore, DatastoreError, Event, EventKind, LeaseExpired
 from trellis.datastore.syncer import Syncer
 from trellis.ipam.allocator import Ipam
-from trellis.model.ipam import Attachment, block_key
+from trellis.model.ipam import INTERNAL_PREFIX, Attachment, block_key
 from trellis.model.node import Node
 
 log = logging.getLogger(__name__)
 
 CLUSTER_PREFIX = "/trellis/"
-VTEP_ATTACHMENT = Attachment("trellis:vtep", "trl.vxlan")
-"""The IPAM handle of the node's tunnel address (':' never occurs in a runtime's container ID)."""
+VTEP_ATTACHMENT = Attachment(INTERNAL_PREFIX + "vtep", "trl.vxlan")
+"""The IPAM handle of the node's tunnel address."""
 RESYNC_S = 30.0
 """Reconcile at least this often even without changes, repairing what others changed."""
 
@@ -116,19 +117,13 @@ class NetworkController:
         thread.start()
         self._threads.append(thread)
 
-    def stop(self, leave: bool) -> None:
-        """Stop threads; with `leave`, revoke the node's lease so peers drop its routes now."""
+    def stop(self) -> None:
+        """Stop following the cluster; the kernel keeps what it holds, the lease runs out."""
         self._stopping.set()
         self.view.changed.set()
         for thread in self._threads:
             thread.join(timeout=5)
         self.syncer.stop()
-        if leave and self._lease:
-            try:
-                self.store.revoke_lease(self._lease)
-                log.info("node %s left the cluster", self.config.node)
-            except DatastoreError as err:
-                log.warning("could not revoke the node lease: %s", err)
 
     def _run(self) -> None:
         while not self._stopping.is_set() and not self.view.synced.wait(timeout=0.5):

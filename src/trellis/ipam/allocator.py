@@ -132,7 +132,7 @@ class Ipam:
         return self._retrying(f"release {attachment.container_id}", attempt)
 
     def release_except(self, valid: Collection[Attachment]) -> list[ipaddress.IPv4Address]:
-        """GC: free every allocation of this node whose attachment is not in `valid`."""
+        """GC: free every allocation of this node whose attachment is not in `valid` (but the agent's own)."""
         keep = set(valid)
         freed: list[ipaddress.IPv4Address] = []
 
@@ -140,7 +140,11 @@ class Ipam:
             mine, _ = self._blocks()
             held = len(mine)  # counts down as empty blocks go back, so the node keeps its last
             for block, rev in mine:
-                stale = [a for a, alloc in block.allocations.items() if alloc.attachment not in keep]
+                stale = [
+                    a
+                    for a, alloc in block.allocations.items()
+                    if alloc.attachment not in keep and not alloc.attachment.internal
+                ]
                 if stale:
                     held -= self._store_block(block.without(stale), rev, held)
                     freed.extend(stale)

@@ -16,6 +16,9 @@ from types import MappingProxyType
 from typing import Any
 
 BLOCK_PREFIX = "/trellis/ipam/blocks/"
+INTERNAL_PREFIX = "trellis:"
+"""Container IDs of the agent's own addresses (a VXLAN tunnel endpoint); ':' never occurs in a
+runtime's container ID, and CNI GC leaves these alone."""
 
 
 @dataclass(frozen=True, order=True)
@@ -24,6 +27,10 @@ class Attachment:
 
     container_id: str
     ifname: str
+
+    @property
+    def internal(self) -> bool:
+        return self.container_id.startswith(INTERNAL_PREFIX)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import errno
 import ipaddress
 import logging
 import os
-import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,26 +24,24 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from trellis.dataplane.kernel.netlink import (
+    AF_INET,
+    RT_SCOPE_LINK,
+    RTNH_F_ONLINK,
+    KernelError,
+    SocketPool,
+    kernel_errors,
+    link_index,
+)
 from trellis.dataplane.kernel.netns import call_in_netns
 from trellis.model.ipam import Attachment
 from trellis.model.naming import POD_GATEWAY, ROUTE_PROTOCOL, host_veth_name, is_host_veth_name
 
 log = logging.getLogger(__name__)
 
-RTNH_F_ONLINK = 4
-RT_SCOPE_LINK = 253
 LOOPBACK_INDEX = 1
 """`lo` has this index in every network namespace (the kernel's LOOPBACK_IFINDEX)."""
-AF_INET = 2
 PROC_SYS = Path("/proc/sys/net")
-
-
-class KernelError(Exception):
-    """The kernel refused a change; names the object and carries the errno."""
-
-    def __init__(self, what: str, err: int) -> None:
-        super().__init__(f"{what}: {errno.errorcode.get(err, str(err))} ({os.strerror(err)})")
-        self.errno = err
 
 
 class NetnsMissing(Exception):
@@ -60,26 +57,6 @@ class PodLink:
     pod_ifname: str
     pod_mac: str
     mtu: int
-
-
-class _SocketPool:
-    """Netlink sockets of the agent's own namespace, kept open and lent one per operation."""
-
-    def __init__(self) -> None:
-        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    @contextmanager
-    def lease(self) -> Iterator[Any]:
-        try:
-            ipr = self._free.get_nowait()
-        except queue.Empty:
-            ipr = IPRoute()
-        try:
-            yield ipr
-        except BaseException:
-            ipr.close()  # a socket that saw an error may hold unread replies
-            raise
-        self._free.put(ipr)
 
 
 def _open_netns(path: str) -> int:
@@ -105,20 +82,6 @@ def _write_sysctl(path: str, value: str) -> None:
     (PROC_SYS / path).write_text(value)
 
 
-@contextmanager
-def _kernel(what: str) -> Iterator[None]:
-    """Turn a NetlinkError into a KernelError naming `what`."""
-    try:
-        yield
-    except NetlinkError as err:
-        raise KernelError(what, err.code) from None
-
-
-def _link_index(ipr: Any, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return int(found[0]) if found else None
-
-
 def _link_index_mac(ipr: Any, name: str) -> tuple[int, str] | None:
     """Index and MAC address of link `name` in one request (as `link_lookup`, None on any error)."""
     try:
@@ -131,8 +94,8 @@ def _link_index_mac(ipr: Any, name: str) -> tuple[int, str] | None:
 class PodNetwork:
     """Creates, checks and removes pod attachments in the namespace the agent runs in."""
 
-    def __init__(self) -> None:
-        self._pool = _SocketPool()
+    def __init__(self, pool: SocketPool) -> None:
+        self._pool = pool
 
     def attach(self, attachment: Attachment, netns: str, address: ipaddress.IPv4Address, mtu: int) -> PodLink:
         host = host_veth_name(attachment)
@@ -140,7 +103,7 @@ class PodNetwork:
         try:
             with self._pool.lease() as ipr:
                 self._remove_link(ipr, host)
-                with _kernel(f"veth {host} to {attachment.ifname} in {netns}"):
+                with kernel_errors(f"veth {host} to {attachment.ifname} in {netns}"):
                     ipr.link(
                         "add",
                         ifname=host,
@@ -182,12 +145,12 @@ class PodNetwork:
                 raise KernelError(f"{attachment.ifname} in {netns}", errno.ENODEV)
             pod_index, pod_mac = pod_link
             pod.link("set", index=LOOPBACK_INDEX, state="up")
-            with _kernel(f"address {address}/32 on {attachment.ifname} in {netns}"):
+            with kernel_errors(f"address {address}/32 on {attachment.ifname} in {netns}"):
                 pod.addr("replace", index=pod_index, address=str(address), prefixlen=32)
             pod.link("set", index=pod_index, state="up")
-            with _kernel(f"default route via {POD_GATEWAY} in {netns}"):
+            with kernel_errors(f"default route via {POD_GATEWAY} in {netns}"):
                 pod.route("replace", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=pod_index, flags=RTNH_F_ONLINK)
-        with _kernel(f"route {address}/32 dev {host}"):
+        with kernel_errors(f"route {address}/32 dev {host}"):
             ipr.route(
                 "replace",
                 dst=f"{address}/32",
@@ -233,7 +196,7 @@ class PodNetwork:
         host = host_veth_name(attachment)
         problems: list[str] = []
         with self._pool.lease() as ipr:
-            host_index = _link_index(ipr, host)
+            host_index = link_index(ipr, host)
             if host_index is None:
                 return [f"host interface {host} is missing"]
             routes = ipr.get_routes(family=AF_INET, dst=str(address), dst_len=32, proto=ROUTE_PROTOCOL)
@@ -241,7 +204,7 @@ class PodNetwork:
                 problems.append(f"route {address}/32 dev {host} is missing")
         try:
             with _pod_socket(netns) as pod:
-                pod_index = _link_index(pod, attachment.ifname)
+                pod_index = link_index(pod, attachment.ifname)
                 if pod_index is None:
                     return [*problems, f"{attachment.ifname} is missing in {netns}"]
                 addrs = {
@@ -259,12 +222,3 @@ class PodNetwork:
         except NetnsMissing:
             problems.append(f"network namespace {netns} does not exist")
         return problems
-
-    def uplink_mtu(self) -> int:
-        """MTU of the interface that holds the default route (or the first non-loopback); 1500 if none."""
-        with self._pool.lease() as ipr:
-            for route in ipr.get_routes(family=AF_INET, dst_len=0):
-                oif = route.get_attr("RTA_OIF")
-                if oif is not None:
-                    return int(ipr.link("get", index=oif)[0].get_attr("IFLA_MTU"))
-        return 1500
