@@ -44,11 +44,15 @@ def cni_error(stdout: bytes) -> tuple[int, str]:
 
 
 def stored_allocations(store: Datastore) -> list[tuple[str, ipaddress.IPv4Address, Attachment]]:
-    """Every (node, address, attachment) in every stored block, duplicates kept."""
+    """Every (node, address, attachment) of a pod in every stored block, duplicates kept.
+
+    The agents' own addresses (VXLAN tunnel endpoints) are left out: no runtime asked for them.
+    """
     return [
         (block.node, address, allocation.attachment)
         for block in (Block.from_json(kv.value) for kv in store.list(BLOCK_PREFIX))
         for address, allocation in block.allocations.items()
+        if not allocation.attachment.internal
     ]
 
 
