@@ -13,10 +13,9 @@ Why: the runtime execs the plugin for every pod, so this is Trellis' share of po
 The target is ADD and DEL p50 at most 1.5x the reference, measured on the same machine.
 
 How plugins are exec'd matters as much as what they do: a Go runtime (containerd, CRI-O)
-already lives in the node's namespace and execs with vfork. `--exec spawn` (the default) does
-the same from a thread inside the node namespace; `--exec fork` uses `CniRuntime`'s own path,
-a `preexec_fn` that enters the namespace, which forces a full fork of this process (about
-3 ms more per exec, on both sides, which flatters the ratio).
+already lives in the node's namespace and execs with vfork; `CniRuntime` does the same from
+worker threads that entered the node namespace (a `preexec_fn` would force a full fork of
+this process, about 2 ms more per exec on both sides, which would flatter the ratio).
 
 Everything runs in throwaway namespaces named `trlb-<tag>-*`: a node namespace with an
 uplink (a veth to a second `trlb` namespace, an address and a default route, so the host
@@ -29,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +51,8 @@ from rich.console import Console
 from rich.table import Table
 
 from trellis.cni.install import install
-from trellis.dataplane.kernel.netns import netns_path, setns
-from trellis.lab.runtime import CniRuntime, Invocation, PluginError
+from trellis.dataplane.kernel.netns import enter, netns_path
+from trellis.lab.runtime import CniRuntime, PluginError
 
 NETNS_PREFIX = "trlb"
 """Prefix of every namespace this benchmark creates (and the only ones it removes)."""
@@ -129,18 +128,6 @@ def build_node(run: Scratch) -> str:
     return node
 
 
-def _enter(netns: str) -> Callable[[], None]:
-    """Moves the calling thread into `netns`: a forked child's preexec_fn, or a worker's initializer."""
-    path = netns_path(netns)
-
-    def enter() -> None:
-        fd = os.open(path, os.O_RDONLY)
-        setns(fd)
-        os.close(fd)
-
-    return enter
-
-
 def start_agent(run: Scratch, node: str, socket: Path) -> Path:
     """Start `trellis agent` inside `node`; returns its log file."""
     trellis = Path(sys.executable).with_name("trellis")
@@ -151,7 +138,7 @@ def start_agent(run: Scratch, node: str, socket: Path) -> Path:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_enter(node),  # noqa: PLW1509 - this process runs no other threads
+            preexec_fn=functools.partial(enter, node),  # noqa: PLW1509 - no other thread runs yet
         )
     return log
 
@@ -171,30 +158,6 @@ def wait_ready(run: Scratch, runtime: CniRuntime, log: Path) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"trellis agent not ready after {AGENT_READY_S:.0f} s: {err}") from None
         time.sleep(0.05)
-
-
-class NodeThreadRuntime(CniRuntime):
-    """Execs plugins the way a Go runtime living on the node does: no setns in the child.
-
-    `CniRuntime` with a node namespace enters it in a `preexec_fn`, which makes Python fork
-    the whole (large) parent instead of vfork'ing: about 3 ms more per exec here. This one
-    execs from one dedicated thread that entered the node namespace once and does nothing
-    else, so the child inherits the namespace and `subprocess` can use vfork, as Go does.
-    """
-
-    def __init__(
-        self, conflist: Path, cni_path: list[Path], cache_dir: Path, node: ThreadPoolExecutor
-    ) -> None:
-        super().__init__(conflist, cni_path, cache_dir, node_netns=None)
-        self.node = node
-
-    def exec_plugin(self, plugin: Path, env: dict[str, str], stdin: bytes) -> Invocation:
-        return self.node.submit(super().exec_plugin, plugin, env, stdin).result()
-
-
-def node_thread(node: str) -> ThreadPoolExecutor:
-    """One worker thread that enters `node` first and serves only plugin execs."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-exec", initializer=_enter(node))
 
 
 def reference_conflist(conf_dir: Path, data_dir: Path) -> Path:
@@ -380,7 +343,7 @@ def _interpreter(plugin: Path) -> dict[str, str]:
     return {"bench": sys.version, "plugin_shebang": shebang, "plugin": version.stdout.strip()}
 
 
-def measure(count: int, warmup: int, exec_mode: str) -> dict[str, Any]:
+def measure(count: int, warmup: int) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     with scratch() as run, ExitStack() as stack:
         node = build_node(run)
@@ -388,13 +351,10 @@ def measure(count: int, warmup: int, exec_mode: str) -> dict[str, Any]:
         plugin, trellis_conf = install(bin_dir, conf_dir, socket)
         log = start_agent(run, node, socket)
         ref_conf = reference_conflist(conf_dir, run.tmp / "host-local")
-        if exec_mode == "fork":
-            trellis = CniRuntime(trellis_conf, [bin_dir], run.tmp / "cache-trellis", node)
-            reference = CniRuntime(ref_conf, [REFERENCE_CNI_PATH], run.tmp / "cache-ref", node)
-        else:
-            thread = stack.enter_context(node_thread(node))
-            trellis = NodeThreadRuntime(trellis_conf, [bin_dir], run.tmp / "cache-trellis", thread)
-            reference = NodeThreadRuntime(ref_conf, [REFERENCE_CNI_PATH], run.tmp / "cache-ref", thread)
+        trellis = stack.enter_context(CniRuntime(trellis_conf, [bin_dir], run.tmp / "cache-trellis", node))
+        reference = stack.enter_context(
+            CniRuntime(ref_conf, [REFERENCE_CNI_PATH], run.tmp / "cache-ref", node)
+        )
         wait_ready(run, trellis, log)
         rivals = [attach_probe(run, "trellis", trellis), attach_probe(run, "reference", reference)]
         extras = [
@@ -412,7 +372,6 @@ def measure(count: int, warmup: int, exec_mode: str) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "count": count,
         "warmup": warmup,
-        "exec": exec_mode,
         "interpreter": interpreter,
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
@@ -434,13 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100, help="measured pods per plugin (default 100)")
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured iterations first (default 5)")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON file (default {RESULTS})")
-    parser.add_argument(
-        "--exec",
-        choices=["spawn", "fork"],
-        default="spawn",
-        help="how plugins are exec'd: spawn (vfork from a thread in the node namespace, as a Go "
-        "runtime does; default) or fork (CniRuntime's preexec setns, a full fork of this process)",
-    )
     parser.add_argument("--output", choices=["table", "json"], default="table")
     args = parser.parse_args(argv)
     if args.count < 2:
@@ -448,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("needs root: it creates network namespaces")
     signal.signal(signal.SIGTERM, _terminate)
-    result = measure(args.count, args.warmup, args.exec)
+    result = measure(args.count, args.warmup)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2) + "\n")
     if args.output == "json":

@@ -10,27 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.e2e.labs import LAB_ROOT, TRELLIS, Lab, built, netns_names
 from tests.helpers import stored_allocations, wait_until
 from trellis.datastore.sqlite import SqliteDatastore
-from trellis.lab.process import ProcessRef
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds a lab of network namespaces"),
 ]
 
-TRELLIS = Path(sys.executable).with_name("trellis")
-LAB_ROOT = Path("/run/trellis/lab")
 RESTART_TIMEOUT_S = 20.0
 
 MANIFEST = """\
@@ -63,79 +58,11 @@ spec:
 DEFAULT_PODS = ["x/a", "x/b", "x/c"]
 
 
-def netns_names() -> set[str]:
-    return {path.name for path in Path("/run/netns").iterdir()}
-
-
-class Lab:
-    """One lab, driven through the CLI as a person or a script would."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.name = f"e2e-{secrets.token_hex(3)}"
-        self.tmp_path = tmp_path
-        self.processes: set[ProcessRef] = set()
-        """Every process the lab reported (agents, supervisor, pod servers): none may outlive `down`."""
-
-    def run(self, command: str, *args: str, check: bool = True, stdin: str | None = None) -> str:
-        proc = subprocess.run(
-            [str(TRELLIS), "lab", command, "--name", self.name, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"lab {command} {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-        return proc.stdout if check else f"{proc.returncode}\n{proc.stderr}"
-
-    def apply(self, manifest: str, command: str = "apply") -> str:
-        path = self.tmp_path / f"{secrets.token_hex(4)}.yaml"
-        path.write_text(manifest)
-        return self.run(command, "-f", str(path))
-
-    def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = json.loads(self.run("status", "--output", "json"))
-        pids = [status["supervisor_pid"]]
-        pids += [n["agent_pid"] for n in status["nodes"]] + [p["server_pid"] for p in status["pods"]]
-        for pid in filter(None, pids):
-            try:
-                self.processes.add(ProcessRef.of(pid))
-            except ProcessLookupError:
-                continue
-        return status
-
-    def pod(self, key: str) -> dict[str, Any]:
-        (pod,) = [p for p in self.status()["pods"] if p["name"] == key]
-        found: dict[str, Any] = pod
-        return found
-
-    def probe(self, *args: str) -> Any:
-        return json.loads(self.run("probe", "--output", "json", *args))
-
-    def namespaces(self) -> set[str]:
-        return {name for name in netns_names() if name.startswith(f"trl-{self.name}")}
-
-    def check_gone(self) -> None:
-        assert not self.namespaces(), f"namespaces left: {sorted(self.namespaces())}"
-        assert not [p.pid for p in self.processes if p.alive()], "processes left"
-        assert not (LAB_ROOT / self.name).exists(), "lab directory left"
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     """A one-node lab, up and ready; removed afterwards whatever happened."""
-    made = Lab(tmp_path)
-    try:
-        made.run("up", "--nodes", "1")
-        made.status()
+    with built(tmp_path, "--nodes", "1") as made:
         yield made
-    finally:
-        down = subprocess.run(
-            [str(TRELLIS), "lab", "down", "--name", made.name], capture_output=True, text=True, check=False
-        )
-        assert down.returncode == 0, down.stderr
-        made.check_gone()
 
 
 @pytest.fixture
@@ -292,7 +219,7 @@ def test_a_bad_manifest_applies_nothing(lab: Lab) -> None:
     )
     status = lab.status()
     assert status["pods"] == [] and [n["name"] for n in status["namespaces"]] == ["default"]
-    assert lab.namespaces() == {f"trl-{lab.name}-fabric", f"trl-{lab.name}-node-1"}
+    assert lab.namespaces() == {f"trl-{lab.name}-{ns}" for ns in ("fabric", "ext", "node-1")}
 
 
 def test_expected_failures_are_one_line_without_traceback(lab: Lab) -> None:

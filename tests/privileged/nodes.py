@@ -8,9 +8,9 @@ every namespace the node made (taking the veths, routes, qdiscs and iptables rul
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
-import os
 import secrets
 import signal
 import subprocess
@@ -22,7 +22,7 @@ from typing import Any
 from tests.helpers import cni_env, net_conf, stored_allocations, wait_until
 from trellis.cni import client
 from trellis.cni.install import install
-from trellis.dataplane.kernel.netns import NETNS_RUN_DIR, netns_path, setns
+from trellis.dataplane.kernel.netns import NETNS_RUN_DIR, enter, netns_path
 from trellis.datastore.sqlite import SqliteDatastore
 from trellis.lab.runtime import CniRuntime, Invocation
 from trellis.model.ipam import Attachment
@@ -114,7 +114,8 @@ class Node:
         self.start_agent()
 
     def teardown(self) -> None:
-        """Kill the agent by its PID, then delete every namespace this node made."""
+        """End the runtime's exec threads, kill the agent by its PID, delete every namespace made."""
+        self.runtime.close()
         if self.agent is not None:
             self.stop_agent(signal.SIGKILL)
         failures = []
@@ -131,13 +132,6 @@ class Node:
 
     def start_agent(self) -> None:
         """Start `trellis agent` inside the node namespace and wait until STATUS answers 0."""
-        path = self.netns_path
-
-        def enter_node() -> None:  # in the forked child only
-            fd = os.open(path, os.O_RDONLY)
-            setns(fd)
-            os.close(fd)
-
         with (self.dir / "agent.log").open("ab") as log:
             self.agent = subprocess.Popen(
                 [
@@ -152,8 +146,8 @@ class Node:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                # setns between fork and exec, as lab/runtime.py does: it takes no lock a thread could hold
-                preexec_fn=enter_node,  # noqa: PLW1509
+                # setns between fork and exec: it takes no lock a thread could hold
+                preexec_fn=functools.partial(enter, self.netns),  # noqa: PLW1509
             )
         wait_until(self._agent_ready, AGENT_READY_TIMEOUT_S, f"the agent of {self.netns} to be ready")
 

@@ -34,22 +34,22 @@ def test_portmap_and_bandwidth_chain_after_trellis(node: Node) -> None:
     address appears in the node's iptables, bandwidth's tbf qdisc on the host veth; DEL in reverse
     removes them, with the veth and bandwidth's ifb device."""
     _, conflist = install(node.bin_dir, node.dir / "chain.d", node.socket, chain=True, version="1.0.0")
-    runtime = node.runtime_for(conflist)
-    pod = node.new_pod()
-    host = host_veth_name(pod.attachment)
+    with node.runtime_for(conflist) as runtime:
+        pod = node.new_pod()
+        host = host_veth_name(pod.attachment)
 
-    result = runtime.add(pod.container_id, pod.path, capabilities=CAPABILITIES)
-    assert [i["name"] for i in result["interfaces"][:2]] == [host, "eth0"]  # trellis's, passed along
-    address = str(result["ips"][0]["address"]).removesuffix("/32")
-    assert f"--dport 8080 -j DNAT --to-destination {address}:80" in node.exec_in_node(
-        "iptables", "-t", "nat", "-S"
-    )
-    qdiscs = json.loads(run("tc", "-n", node.netns, "-j", "qdisc", "show", "dev", host))
-    assert {"tbf", "ingress"} <= {q["kind"] for q in qdiscs}
-    assert len(_ifbs(node)) == 1
+        result = runtime.add(pod.container_id, pod.path, capabilities=CAPABILITIES)
+        assert [i["name"] for i in result["interfaces"][:2]] == [host, "eth0"]  # trellis's, passed along
+        address = str(result["ips"][0]["address"]).removesuffix("/32")
+        assert f"--dport 8080 -j DNAT --to-destination {address}:80" in node.exec_in_node(
+            "iptables", "-t", "nat", "-S"
+        )
+        qdiscs = json.loads(run("tc", "-n", node.netns, "-j", "qdisc", "show", "dev", host))
+        assert {"tbf", "ingress"} <= {q["kind"] for q in qdiscs}
+        assert len(_ifbs(node)) == 1
 
-    runtime.delete(pod.container_id, pod.path, capabilities=CAPABILITIES)
-    nat = node.exec_in_node("iptables", "-t", "nat", "-S")
-    assert address not in nat and "CNI-DN-" not in nat
-    assert node.host_veths() == set() and node.allocations() == {}
-    assert _ifbs(node) == []
+        runtime.delete(pod.container_id, pod.path, capabilities=CAPABILITIES)
+        nat = node.exec_in_node("iptables", "-t", "nat", "-S")
+        assert address not in nat and "CNI-DN-" not in nat
+        assert node.host_veths() == set() and node.allocations() == {}
+        assert _ifbs(node) == []

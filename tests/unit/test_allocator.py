@@ -215,3 +215,12 @@ def test_a_block_is_one_stored_object_per_cidr(store: SqliteDatastore) -> None:
     Ipam(store, "n1", (SMALL_POOL,), 30).assign(Attachment("c0", "eth0"), "ns/p")
     (kv,) = store.list(BLOCK_PREFIX)
     assert isinstance(kv, KV) and kv.key == f"{BLOCK_PREFIX}10.0.0.0-30"
+
+
+def test_gc_keeps_the_agents_own_addresses(store: SqliteDatastore) -> None:
+    """A VXLAN tunnel address is no runtime's attachment: GC with any valid list leaves it."""
+    ipam = Ipam(store, "node-a", (SMALL_POOL,), 30)
+    tunnel = ipam.assign(Attachment("trellis:vtep", "trl.vxlan"), "node node-a tunnel")
+    pod = ipam.assign(Attachment("c1", "eth0"), "x/a")
+    assert ipam.release_except([]) == [pod]
+    assert ipam.attachments() == {Attachment("trellis:vtep", "trl.vxlan"): tunnel}

@@ -139,7 +139,7 @@ def test_malformed_reply_is_try_again_later(fake_agent: FakeAgent) -> None:
 
 
 def test_client_imports_only_os_sys_and_socket_core() -> None:
-    """The executable's imports are `os`, `sys` and `_socket` only, anywhere in the module."""
+    """The executable imports `posix`, `sys` and `_socket` only (all built in), anywhere in the module."""
     tree = ast.parse(Path(client.__file__).read_text())
     imported: set[str] = set()
     for node in ast.walk(tree):
@@ -147,4 +147,4 @@ def test_client_imports_only_os_sys_and_socket_core() -> None:
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
-    assert imported == {"os", "sys", "_socket"}
+    assert imported == {"posix", "sys", "_socket"}

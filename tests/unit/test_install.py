@@ -11,16 +11,16 @@ import pytest
 
 from tests.helpers import cni_env, cni_error, net_conf
 from trellis.cni import client
-from trellis.cni.install import conflist, install, plugin_source
+from trellis.cni.install import conflist, install, launcher_source, module_source
 
 
-def test_plugin_source_carries_the_socket_and_a_fast_shebang(tmp_path: Path) -> None:
-    """The copy names the agent socket it was installed for and runs `python -IS`."""
-    source = plugin_source(tmp_path / "x.sock", python=Path("/usr/bin/python3"))
-    first, *_ = source.splitlines()
-    assert first == "#!/usr/bin/python3 -IS"
+def test_module_carries_the_socket_and_the_launcher_a_fast_shebang(tmp_path: Path) -> None:
+    """The module names the agent socket it was installed for; the launcher runs `python -IS`."""
+    source = module_source(tmp_path / "x.sock")
     assert f'AGENT_SOCKET = "{tmp_path}/x.sock"' in source
     assert 'AGENT_SOCKET = "/run/trellis/agent.sock"' not in source
+    first, *_ = launcher_source(tmp_path / ".trellis", Path("/usr/bin/python3")).splitlines()
+    assert first == "#!/usr/bin/python3 -IS"
 
 
 @pytest.mark.parametrize("chain", [False, True])
@@ -36,12 +36,13 @@ def test_conflist_chains_portmap_and_bandwidth_on_request(chain: bool) -> None:
 
 
 def test_install_writes_an_executable_plugin_and_a_readable_conflist(tmp_path: Path) -> None:
-    """Both files land in place (no temporary left) with modes 0755 and 0644."""
+    """The files land in place (no temporary left) with modes 0755 and 0644, the module compiled."""
     plugin, conf = install(tmp_path / "bin", tmp_path / "net.d", tmp_path / "agent.sock")
     assert plugin == tmp_path / "bin" / "trellis" and conf.name == "10-trellis.conflist"
     assert plugin.stat().st_mode & 0o777 == 0o755 and conf.stat().st_mode & 0o777 == 0o644
     assert json.loads(conf.read_text()) == conflist()
-    assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == ["trellis"]
+    assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == [".trellis", "trellis"]
+    assert list((tmp_path / "bin" / ".trellis" / "__pycache__").glob("trellis_cni.*.pyc"))
 
 
 def _exec(plugin: Path, env: dict[str, str], stdin: bytes) -> subprocess.CompletedProcess[bytes]:

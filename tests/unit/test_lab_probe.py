@@ -58,9 +58,9 @@ def test_tcp_and_udp_answers_count_as_reachable(server: dict[str, int]) -> None:
     assert [a.ok for a in attempts] == [True, True]
 
 
-def test_the_tcp_server_names_its_pod(server: dict[str, int]) -> None:
+def test_the_tcp_server_names_its_pod_and_the_address_it_sees(server: dict[str, int]) -> None:
     with socket.create_connection(("127.0.0.1", server["TCP"]), timeout=5) as conn:
-        assert conn.recv(64) == b"x/a\n"
+        assert conn.recv(64) == b"x/a 127.0.0.1\n"
 
 
 def test_refusals_are_unreachable_at_once() -> None:

@@ -1,4 +1,7 @@
-"""The nftables renderer against its golden file, and the cluster parser."""
+"""The nftables renderer against its golden files, its policy layout, and the cluster parser.
+
+Golden files are loaded into a real kernel by tests/privileged/test_nft_golden.py.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +9,168 @@ import ipaddress
 import json
 import os
 from pathlib import Path
+from typing import Any
 
+from tests.unit.policy_cluster import (
+    NAT,
+    SERVE_PORTS,
+    cluster_policy,
+    inputs_of,
+    interface,
+    match,
+    network_policy,
+    pod,
+)
 from trellis.calc.cluster import parse_cluster
-from trellis.dataplane.render.nft import NatState, render_table
+from trellis.calc.policy import compute_policy
+from trellis.dataplane.render.nft import COMMENT_MAX, FORWARD, NatState, render_table
 from trellis.model.ipam import Block
 from trellis.model.node import Node
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 Net = ipaddress.IPv4Network
+LOCAL = ("x/a", "y/a", "z/a")
+"""The pods of node-1."""
+
+
+def assert_golden(name: str, commands: list[dict[str, Any]]) -> None:
+    """Regenerate with TRELLIS_UPDATE_GOLDEN=1 after a deliberate change, and review the diff."""
+    rendered = json.dumps(commands, indent=2, sort_keys=True) + "\n"
+    golden = GOLDEN / name
+    if os.environ.get("TRELLIS_UPDATE_GOLDEN"):
+        golden.write_text(rendered)
+    assert rendered == golden.read_text()
+
+
+def policy_table(*objects: dict[str, Any]) -> list[dict[str, Any]]:
+    """node-1's table for the x/y/z cluster with `objects`."""
+    state = compute_policy(inputs_of(*objects), "node-1", {key: interface(key) for key in LOCAL})
+    assert state.problems == ()
+    return render_table(NAT, state)
 
 
 def test_nat_table_matches_golden() -> None:
-    """Regenerate with TRELLIS_UPDATE_GOLDEN=1 after a deliberate change, and review the diff."""
     state = NatState(
         pod_nets=frozenset({Net("10.244.0.0/16")}),
         cluster_nets=frozenset({Net("10.244.0.0/16"), Net("172.30.0.11/32"), Net("172.30.0.12/32")}),
     )
-    rendered = json.dumps(render_table(state), indent=2, sort_keys=True) + "\n"
-    golden = GOLDEN / "nft_nat.json"
-    if os.environ.get("TRELLIS_UPDATE_GOLDEN"):
-        golden.write_text(rendered)
-    assert rendered == golden.read_text()
+    assert_golden("nft_nat.json", render_table(state))
+
+
+def test_open_policy_table_matches_golden() -> None:
+    """No policy: the forward chain, empty maps, every local pod known (nothing dropped)."""
+    assert_golden("nft_policy_open.json", policy_table())
+
+
+def test_network_policy_table_matches_golden() -> None:
+    assert_golden(
+        "nft_policy_networkpolicy.json",
+        policy_table(
+            network_policy(
+                "web",
+                pod_selector=match(pod="a"),
+                ingress=[
+                    {
+                        "from": [
+                            {"podSelector": match(pod="b")},
+                            {"namespaceSelector": match(ns="y")},
+                            {"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}},
+                        ],
+                        "ports": [
+                            {"port": "serve-80-tcp"},
+                            {"port": 8000, "endPort": 8080},
+                            {"protocol": "UDP"},
+                        ],
+                    }
+                ],
+                egress=[
+                    {"to": [{"namespaceSelector": {}}], "ports": [{"port": "web"}]},
+                    {"ports": [{"port": 53, "protocol": "UDP"}]},
+                ],
+            ),
+            pod("y/b", ports=[*SERVE_PORTS, {"name": "web", "containerPort": 8080}]),
+        ),
+    )
+
+
+def test_tiered_policy_table_matches_golden() -> None:
+    assert_golden(
+        "nft_policy_tiers.json",
+        policy_table(
+            cluster_policy(
+                "security",
+                "Admin",
+                10,
+                {"namespaces": {}},
+                ingress=[{"name": "pass-x", "action": "Pass", "from": [{"namespaces": match(ns="x")}]}],
+                egress=[
+                    {"name": "no-metadata", "action": "Deny", "to": [{"networks": ["169.254.169.254/32"]}]},
+                    {
+                        "name": "nodes",
+                        "action": "Accept",
+                        "to": [{"nodes": match(zone="zone-1")}],
+                        "protocols": [{"tcp": {"destinationPort": {"number": 10250}}}],
+                    },
+                    {
+                        "name": "sctp",
+                        "action": "Deny",
+                        "to": [{"pods": {"podSelector": {}}}],
+                        "protocols": [{"sctp": {"destinationPort": {"range": {"start": 9000, "end": 9100}}}}],
+                    },
+                ],
+            ),
+            cluster_policy(
+                "default-deny",
+                "Baseline",
+                100,
+                {"namespaces": {}},
+                ingress=[{"action": "Deny", "from": [{"namespaces": {}}]}],
+            ),
+            network_policy("x-only", ingress=[{"from": [{"podSelector": {}}]}]),
+        ),
+    )
+
+
+def _filter_rules(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        c["add"]["rule"]
+        for c in commands
+        if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] != "postrouting"
+    ]
+
+
+def test_every_filter_rule_counts_and_says_where_it_comes_from() -> None:
+    long_name = "p" * 253
+    commands = policy_table(
+        cluster_policy(
+            long_name,
+            "Admin",
+            1,
+            {"namespaces": {}},
+            ingress=[{"name": "r" * 100, "action": "Deny", "from": [{"namespaces": {}}]}],
+        )
+    )
+    rules = _filter_rules(commands)
+    assert rules and all({"counter": {"packets": 0, "bytes": 0}} in r["expr"] for r in rules)
+    assert all(0 < len(r["comment"]) <= COMMENT_MAX for r in rules)
+    assert any(r["comment"].startswith(f"admin {long_name[:50]}") for r in rules)
+
+
+def test_unrestricted_pods_are_known_but_in_no_map() -> None:
+    commands = policy_table(network_policy("deny", ingress=[]))
+    added = [c["add"] for c in commands if "add" in c]
+    sets = {s["set"]["name"]: s["set"].get("elem", []) for s in added if "set" in s}
+    maps = {m["map"]["name"]: m["map"].get("elem", []) for m in added if "map" in m}
+    assert sets["endpoints"] == sorted(interface(key) for key in LOCAL)
+    assert maps == {
+        "egress": [],
+        "ingress": [[interface("x/a"), {"jump": {"target": f"ingress_{interface('x/a')}_networkpolicy"}}]],
+    }
+    assert [c["chain"]["name"] for c in added if "chain" in c] == [
+        "postrouting",
+        FORWARD,
+        f"ingress_{interface('x/a')}_networkpolicy",
+    ]
 
 
 def test_empty_sets_render_without_elements() -> None:

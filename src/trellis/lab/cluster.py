@@ -1,10 +1,11 @@
-"""What `trellis lab` commands do to a lab: up, apply, delete, status, down.
+"""What `trellis lab` commands do to a lab: up, apply, delete, status, down (nodes: `nodes.py`).
 
 Why this order of work: each command holds the lab's lock, checks everything it can before
 changing anything (a manifest is applied whole or refused), and records each object in the
 state before making it, so that `down` can always remove what exists, even after a command
-was killed half-way. `up` that fails removes what it made. Output goes through a `report`
-callback: the CLI prints plain lines, the demo prints them its own way.
+was killed half-way. `up` that fails removes what it made. `apply` returns once every agent
+has programmed the new pods (`converge.py`), so a probe right after it sees them. Output goes
+through a `report` callback: the CLI prints plain lines, the demo prints them its own way.
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ import ipaddress
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from trellis.cni.install import CONFLIST_NAME, install
-from trellis.lab import fabric
+from trellis.calc.routes import BACKENDS as ROUTED_BACKENDS
+from trellis.cni.install import CONFLIST_NAME
+from trellis.lab import converge, fabric, store
 from trellis.lab.errors import LabError, LabNotFound
-from trellis.lab.manifest import DEFAULT_NAMESPACE, NamespaceObject, PodObject
-from trellis.lab.pods import attach, detach, new_pod, node_cni_path, node_ready
+from trellis.lab.manifest import DEFAULT_NAMESPACE, DEFAULT_PORTS, NamespaceObject, PodObject
+from trellis.lab.nodes import build_node, wait_joined
+from trellis.lab.pods import attach, delete_pod, new_pod, node_cni_path, node_ready, start_server
 from trellis.lab.probe import Endpoint
-from trellis.lab.process import ProcessRef, stop, wait_until
+from trellis.lab.process import ProcessRef, stop
+from trellis.lab.report import Report, quiet
 from trellis.lab.state import (
     LAB_ROOT,
     LabPaths,
@@ -32,6 +36,8 @@ from trellis.lab.state import (
     Pod,
     already_exists,
     check_node_count,
+    check_subnet_count,
+    external_netns,
     fabric_netns,
     lab_lock,
     load,
@@ -43,28 +49,24 @@ from trellis.lab.state import (
     pod_netns,
     save,
 )
-from trellis.lab.supervisor import current_agent, read_agent_record, start_supervisor
+from trellis.lab.supervisor import current_agent, current_process, read_record, start_supervisor
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("vxlan", "host-gw", "bgp")
+BACKENDS = (*ROUTED_BACKENDS, "bgp")
 DATASTORES = ("sqlite", "etcd")
-READY_TIMEOUT_S = 60.0
-"""How long `up` waits for every agent to answer CNI STATUS (seconds)."""
-
-Report = Callable[[str], None]
+EXTERNAL_NAME = "external"
+"""What the external host's server calls itself in its answers."""
 
 
-def _quiet(_line: str) -> None:
-    """The default report: say nothing."""
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except FileNotFoundError:
-        return "no log"
-    return " | ".join(text[-lines:]) or "empty log"
+def warnings(backend: str, subnets: int) -> list[str]:
+    """What a lab of this backend and number of subnets will not do, for people to know up front."""
+    found = []
+    if backend not in ROUTED_BACKENDS:
+        found.append(f"backend {backend}: agents start, but cross-node routing is not built yet")
+    if backend == "host-gw" and subnets > 1:
+        found.append("backend host-gw needs one L2 segment: nodes on different subnets get no routes")
+    return found
 
 
 def up(
@@ -72,31 +74,33 @@ def up(
     nodes: int,
     backend: str = "vxlan",
     datastore: str = "sqlite",
+    subnets: int = 1,
     root: Path = LAB_ROOT,
-    report: Report = _quiet,
+    report: Report = quiet,
 ) -> LabState:
     """Build lab `name` and return once every agent is ready; on failure remove what was made."""
     if backend not in BACKENDS:
         raise LabError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if datastore != "sqlite":
-        raise LabError(f"datastore {datastore!r} is not available in the lab yet (use sqlite)")
+    if datastore not in DATASTORES:
+        raise LabError(f"datastore {datastore!r} is not one of {', '.join(DATASTORES)}")
+    store.check_available(datastore)
     check_node_count(nodes)
+    check_subnet_count(subnets)
     paths = LabPaths(name, root)
     if paths.dir.exists():
         raise LabError(already_exists(name))
-    taken = [
-        netns
-        for netns in [fabric_netns(name), *(node_netns(name, node) for node in node_names(nodes))]
-        if fabric.netns_exists(netns)
-    ]
+    wanted = [fabric_netns(name), external_netns(name), *(node_netns(name, n) for n in node_names(nodes))]
+    taken = [netns for netns in wanted if fabric.netns_exists(netns)]
     if taken:
         raise LabError(f"network namespace {taken[0]} already exists, yet lab {name} does not")
 
-    def initial(underlay: ipaddress.IPv4Network) -> LabState:
-        return LabState(name, backend, datastore, underlay, plan_nodes(name, underlay, nodes))
+    def initial(picked: list[ipaddress.IPv4Network]) -> LabState:
+        return LabState(name, backend, datastore, picked, plan_nodes(name, picked, nodes))
 
+    for warning in warnings(backend, subnets):
+        report(f"warning: {warning}")
     started = time.monotonic()
-    with new_lab(paths, initial) as state:
+    with new_lab(paths, initial, subnets) as state:
         try:
             _build(paths, state, report)
         except BaseException:
@@ -107,40 +111,40 @@ def up(
 
 
 def _build(paths: LabPaths, state: LabState, report: Report) -> None:
-    prefixlen = state.underlay.prefixlen
-    fabric.build_fabric(state.fabric_netns, ipaddress.IPv4Interface(f"{state.gateway}/{prefixlen}"))
-    report(f"fabric {state.fabric_netns}: bridge {fabric.BRIDGE} {state.gateway}/{prefixlen}")
-    for index, node in enumerate(state.nodes, start=1):
-        address = ipaddress.IPv4Interface(f"{node.underlay_ip}/{prefixlen}")
-        fabric.add_node(state.fabric_netns, index, node.netns, address, state.gateway)
-        install(paths.cni_bin_dir(node.name), paths.cni_conf_dir(node.name), paths.agent_socket(node.name))
-        report(f"{node.name}: namespace {node.netns}, {fabric.NODE_UPLINK} {address}")
-    state.namespaces[DEFAULT_NAMESPACE] = NamespaceObject(DEFAULT_NAMESPACE).effective_labels
-    supervisor = state.supervisor = start_supervisor(paths)
+    fabric.build_fabric(state.fabric_netns, state.gateways)
+    report(f"fabric {state.fabric_netns}: bridge {fabric.BRIDGE} {', '.join(map(str, state.gateways))}")
+    for node in state.nodes:
+        build_node(paths, state, node)
+        report(f"{node.name}: namespace {node.netns}, {fabric.NODE_UPLINK} {node.underlay}")
+    fabric.add_external(state.fabric_netns, state.external_netns, state.external)
+    state.external_server = start_server(
+        state.external_netns, EXTERNAL_NAME, DEFAULT_PORTS, paths.external_log
+    )
     save(paths, state)
-    waiting = list(state.nodes)
+    report(f"external host: namespace {state.external_netns}, {fabric.NODE_UPLINK} {state.external}")
+    state.namespaces[DEFAULT_NAMESPACE] = NamespaceObject(DEFAULT_NAMESPACE).effective_labels
 
-    def all_ready() -> bool:
-        waiting[:] = [node for node in waiting if not node_ready(paths, node)]
-        if not supervisor.alive():
-            raise LabError(f"lab {state.name}: the supervisor exited ({_tail(paths.supervisor_log)})")
-        return not waiting
+    def record(supervisor: ProcessRef) -> None:
+        state.supervisor = supervisor
+        save(paths, state)
 
-    if not wait_until(all_ready, READY_TIMEOUT_S, poll_s=0.1):
-        late = waiting[0].name
-        raise LabError(
-            f"{late}: agent not ready after {READY_TIMEOUT_S:.0f} s ({_tail(paths.agent_log(late))})"
-        )
+    start_supervisor(paths, record)
+    if state.datastore == "etcd":
+        report(f"datastore: etcd at {store.location(paths, state)}, in {state.fabric_netns}")
+    wait_joined(paths, state, state.nodes)
 
 
 def _teardown(paths: LabPaths, state: LabState) -> None:
     """Stop every process of the lab (by recorded PID), remove its namespaces and files."""
-    stop([state.supervisor])  # it stops the agents
-    stop([current_agent(paths, node.name) for node in state.nodes])  # in case it could not
-    stop([pod.server for pod in state.pods.values()], grace_s=2.0)
+    stop([state.supervisor])  # it stops the agents and etcd
+    nodes = [*state.nodes, *state.retired]
+    stop([current_agent(paths, node.name) for node in nodes])  # in case it could not
+    stop([current_process(paths.etcd_record)])
+    stop([state.external_server, *(pod.server for pod in state.pods.values())], grace_s=2.0)
     for netns in [
         *(pod.netns for pod in state.pods.values()),
-        *(node.netns for node in state.nodes),
+        *(node.netns for node in nodes),
+        state.external_netns,
         state.fabric_netns,
     ]:
         fabric.remove_netns(netns)
@@ -197,18 +201,28 @@ def apply(
     name: str,
     objects: list[NamespaceObject | PodObject],
     root: Path = LAB_ROOT,
-    report: Report = _quiet,
+    report: Report = quiet,
+    wait: bool = True,
 ) -> None:
-    """Create or update every object; namespaces first, as kubectl orders them."""
+    """Create or update every object, namespaces first as kubectl orders them.
+
+    With `wait`, return once every node routes to each new pod (LabError naming a node that
+    did not within converge.ROUTES_TIMEOUT_S).
+    """
     paths = LabPaths(name, root)
     with locked_state(paths) as state:
         _validate_apply(state, objects)
         for obj in objects:
             if isinstance(obj, NamespaceObject):
                 report(_apply_namespace(paths, state, obj))
+        created = []
         for obj in objects:
             if isinstance(obj, PodObject):
-                report(_apply_pod(paths, state, obj))
+                line, pod = _apply_pod(paths, state, obj)
+                report(line)
+                created += [pod] if pod is not None else []
+        if wait:
+            converge.pods_routed(paths, state, created)
 
 
 def _apply_namespace(paths: LabPaths, state: LabState, obj: NamespaceObject) -> str:
@@ -221,14 +235,15 @@ def _apply_namespace(paths: LabPaths, state: LabState, obj: NamespaceObject) -> 
     return f"namespace/{obj.name} {'created' if before is None else 'configured'}"
 
 
-def _apply_pod(paths: LabPaths, state: LabState, obj: PodObject) -> str:
+def _apply_pod(paths: LabPaths, state: LabState, obj: PodObject) -> tuple[str, Pod | None]:
+    """What happened (as kubectl prints it), and the pod if it was created."""
     existing = state.pods.get(obj.key)
     if existing is not None:
         if existing.labels == obj.labels:
-            return f"pod/{obj.key} unchanged"
+            return f"pod/{obj.key} unchanged", None
         state.pods[obj.key] = replace(existing, labels=obj.labels)
         save(paths, state)
-        return f"pod/{obj.key} configured"
+        return f"pod/{obj.key} configured", None
     if obj.node_name is None:
         node = state.nodes[state.next_node % len(state.nodes)]
         state.next_node += 1
@@ -246,14 +261,14 @@ def _apply_pod(paths: LabPaths, state: LabState, obj: PodObject) -> str:
         raise
     state.pods[pod.key] = pod
     save(paths, state)
-    return f"pod/{pod.key} created on {node.name}, ip {pod.ip}"
+    return f"pod/{pod.key} created on {node.name}, ip {pod.ip}", pod
 
 
 def delete(
     name: str,
     objects: list[NamespaceObject | PodObject],
     root: Path = LAB_ROOT,
-    report: Report = _quiet,
+    report: Report = quiet,
 ) -> None:
     """Delete every object (a namespace with its pods); objects already gone are reported, not errors."""
     paths = LabPaths(name, root)
@@ -263,7 +278,7 @@ def delete(
                 raise LabError(f"namespace {DEFAULT_NAMESPACE} cannot be deleted")
         for obj in objects:
             if isinstance(obj, PodObject):
-                report(_delete_pod(paths, state, obj.key))
+                report(delete_pod(paths, state, obj.key))
         for obj in objects:
             if not isinstance(obj, NamespaceObject):
                 continue
@@ -271,27 +286,17 @@ def delete(
                 report(f"namespace/{obj.name} not found")
                 continue
             for key in [k for k, pod in state.pods.items() if pod.namespace == obj.name]:
-                report(_delete_pod(paths, state, key))
+                report(delete_pod(paths, state, key))
             del state.namespaces[obj.name]
             save(paths, state)
             report(f"namespace/{obj.name} deleted")
-
-
-def _delete_pod(paths: LabPaths, state: LabState, key: str) -> str:
-    pod = state.pods.get(key)
-    if pod is None:
-        return f"pod/{key} not found"
-    detach(paths, state.node(pod.node), pod)
-    del state.pods[key]
-    save(paths, state)
-    return f"pod/{key} deleted"
 
 
 @dataclass(frozen=True)
 class NodeStatus:
     name: str
     netns: str
-    underlay_ip: ipaddress.IPv4Address
+    underlay: ipaddress.IPv4Interface
     agent: ProcessRef | None
     restarts: int
     ready: bool
@@ -303,9 +308,9 @@ def node_status(paths: LabPaths, state: LabState) -> list[NodeStatus]:
         NodeStatus(
             node.name,
             node.netns,
-            node.underlay_ip,
+            node.underlay,
             current_agent(paths, node.name),
-            int(read_agent_record(paths, node.name).get("restarts", 0)),
+            int(read_record(paths.agent_record(node.name)).get("restarts", 0)),
             node_ready(paths, node),
         )
         for node in state.nodes
@@ -318,14 +323,23 @@ def status_json(paths: LabPaths, state: LabState, nodes: list[NodeStatus]) -> di
         "name": state.name,
         "backend": state.backend,
         "datastore": state.datastore,
-        "underlay": str(state.underlay),
+        "datastore_location": store.location(paths, state),
+        "etcd_pid": None if (etcd := current_process(paths.etcd_record)) is None else etcd.pid,
+        "underlay": str(state.subnets[0]),
+        "subnets": [str(s) for s in state.subnets],
         "fabric_netns": state.fabric_netns,
         "supervisor_pid": None if state.supervisor is None else state.supervisor.pid,
+        "external": {
+            "netns": state.external_netns,
+            "ip": str(state.external.ip),
+            "server_pid": None if state.external_server is None else state.external_server.pid,
+        },
         "nodes": [
             {
                 "name": n.name,
                 "netns": n.netns,
-                "underlay_ip": str(n.underlay_ip),
+                "underlay_ip": str(n.underlay.ip),
+                "subnet": str(n.underlay.network),
                 "agent_pid": None if n.agent is None else n.agent.pid,
                 "agent_restarts": n.restarts,
                 "ready": n.ready,

@@ -1,10 +1,13 @@
 """`trellis lab demo`: the guided tour of DESIGN.md §4, on real namespaces, processes and packets.
 
-Today's tour has one node: up, a namespace and three pods attached through the real CNI
-executable, what a pod and its node hold, the status, the reachability matrix, down. Later
-work adds nodes (cross-node routing) and a policy with the matrix again. Once `up` has made
-the lab, `down` runs whatever happens; a lab of that name made by someone else is left alone.
-The exit code says whether every pair was reachable, so `make demo` is also a smoke test.
+Today's tour: up with three nodes, a namespace and three pods spread over them (attached
+through the real CNI executable), what a pod and its node hold (the routes to the other nodes'
+blocks), the status, the reachability matrix across nodes, and egress: a pod reaches the lab's
+external host, which sees the pod's node as the source, while a pod reached inside the cluster
+sees the pod itself. Then down. Later work adds a policy and the matrix again. Once `up` has
+made the lab, `down` runs whatever happens; a lab of that name made by someone else is left
+alone. The exit code says whether every pair was reachable and egress was masqueraded, so
+`make demo` is also a smoke test.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from rich.syntax import Syntax
 from trellis.lab import cluster
 from trellis.lab.errors import LabError
 from trellis.lab.manifest import parse
-from trellis.lab.probe import checks_for, probe
+from trellis.lab.probe import ask, checks_for, probe
 from trellis.lab.process import in_netns
-from trellis.lab.state import LabPaths, load
+from trellis.lab.state import LabPaths, LabState, load
 from trellis.lab.views import matrix_table, nodes_table, pods_table
 
+NODES = 3
 MANIFEST = """\
 apiVersion: v1
 kind: Namespace
@@ -58,13 +62,26 @@ def _show(console: Console, netns: str, command: list[str]) -> None:
         console.print(f"    {line}", highlight=False, markup=False)
 
 
+def _egress(console: Console, state: LabState) -> bool:
+    """Pod a asks the external host and pod b whom they see; True if the first saw a's node, b saw a."""
+    pod, peer = state.pods["demo/a"], state.pods["demo/b"]
+    node = state.node(pod.node)
+    assert pod.ip is not None and peer.ip is not None
+    outside = ask(pod.netns, state.external.ip, 80).split()[-1]
+    inside = ask(pod.netns, peer.ip, 80).split()[-1]
+    console.print(f"  demo/a {pod.ip} on {node.name} ({node.underlay.ip}) asks each server whom it sees:")
+    console.print(f"    external host {state.external.ip} sees [bold]{outside}[/]: the node (masqueraded)")
+    console.print(f"    pod demo/b {peer.ip} sees [bold]{inside}[/]: the pod itself")
+    return outside == str(node.underlay.ip) and inside == str(pod.ip)
+
+
 def _tour(name: str, console: Console) -> bool:
     paths = LabPaths(name)
-    console.rule("2. Pods: namespaces attached by the real `trellis` CNI executable")
+    console.rule("2. Pods: attached by the real CNI executable, spread over the nodes")
     console.print(Syntax(MANIFEST, "yaml", theme="ansi_dark"))
     cluster.apply(name, parse(MANIFEST, "demo manifest"), report=lambda line: console.print(f"  {line}"))
 
-    console.rule("3. What a pod and its node hold")
+    console.rule("3. A pod's /32, and its node's routes to the other nodes' blocks")
     state = load(paths)
     pod = state.pods["demo/a"]
     _show(console, pod.netns, ["ip", "-4", "-br", "addr", "show", "eth0"])
@@ -75,7 +92,7 @@ def _tour(name: str, console: Console) -> bool:
     console.print(nodes_table(state, cluster.node_status(paths, state)))
     console.print(pods_table(state))
 
-    console.rule("5. Reachability, measured with real TCP and UDP packets")
+    console.rule("5. Reachability across nodes, measured with real TCP and UDP packets")
     started = time.monotonic()
     matrices = probe(cluster.endpoints(state), checks_for(None, None))
     for matrix in matrices:
@@ -83,20 +100,25 @@ def _tour(name: str, console: Console) -> bool:
     everything = all(m.reachable == m.pairs for m in matrices)
     verdict = "every pair reachable" if everything else "[red]some pairs unreachable[/]"
     console.print(f"  {len(matrices)} matrices in {time.monotonic() - started:.1f} s: {verdict}")
-    return everything
+
+    console.rule("6. Egress: the external host sees the node, pods see the pod")
+    masqueraded = _egress(console, state)
+    if not masqueraded:
+        console.print("  [red]egress was not masqueraded as expected[/]")
+    return everything and masqueraded
 
 
 def run(name: str, console: Console) -> int:
     console.rule(f"[bold]Trellis lab demo[/] (lab {name})")
-    console.rule("1. Up: a fabric bridge, a node namespace, its supervised agent and CNI config")
-    cluster.up(name, nodes=1, report=lambda line: console.print(f"  {line}"))
+    console.rule(f"1. Up: a fabric, {NODES} nodes with supervised agents, an external host")
+    cluster.up(name, nodes=NODES, report=lambda line: console.print(f"  {line}"))
     ok = False
     try:
         ok = _tour(name, console)
     except LabError as err:
         console.print(f"[red]demo failed:[/] {err}")
     finally:
-        console.rule("6. Down: every namespace, link, process and file of the lab")
+        console.rule("7. Down: every namespace, link, process and file of the lab")
         cluster.down(name)
         console.print(f"  lab {name} removed")
     return 0 if ok else 1

@@ -8,10 +8,15 @@ container runtimes make one: a throwaway thread unshares its network namespace a
 bind-mounts it at /run/netns/NAME, then ends (`dataplane/kernel/netns.py` explains why a
 thread that switched namespace must not live on).
 
-Layout of a lab with underlay 172.31.L.0/24:
-  fabric `trl-<lab>-fabric`:  bridge `trl-br0` 172.31.L.1/24, ports `trl-p<k>`
-  node k `trl-<lab>-node-k`:  `trl-eth0` 172.31.L.(10+k)/24, default route via 172.31.L.1,
-                              ip_forward on (a Kubernetes node routes between its pods)
+Layout of a lab with underlay subnets 172.31.L.0/24, 172.31.M.0/24, ...:
+  fabric `trl-<lab>-fabric`:  bridge `trl-br0` with 172.31.L.1/24, 172.31.M.1/24, ...;
+                              ports `trl-p<k>` (node k) and `trl-ext`; routes between the
+                              subnets (ip_forward on, no ICMP redirects) and nowhere else
+  node k `trl-<lab>-node-k`:  `trl-eth0` 172.31.S.(10+k)/24 on its subnet S, default route via
+                              172.31.S.1, ip_forward on (a Kubernetes node routes between its pods)
+  external `trl-<lab>-ext`:   `trl-eth0` 172.31.L.254/24, default route via 172.31.L.1
+One bridge carries every subnet, yet a node reaches another subnet only through the fabric's
+router: with redirects off, nothing tells it of the shortcut, as on separate L2 segments.
 The default route is also what lets each pod's host veth answer ARP for 169.254.1.1 by proxy.
 """
 
@@ -35,6 +40,7 @@ from trellis.lab.errors import LabError
 
 BRIDGE = "trl-br0"
 NODE_UPLINK = "trl-eth0"
+EXTERNAL_PORT = "trl-ext"
 
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -151,31 +157,41 @@ def _up(ipr: Any, name: str) -> int:
     return index
 
 
-def build_fabric(netns: str, gateway: ipaddress.IPv4Interface) -> None:
-    """The fabric namespace: its bridge holds the underlay's gateway address."""
+def _write_sysctls(netns: str, values: dict[str, str]) -> None:
+    """Set /proc/sys/net/PATH for each PATH of `values`, in namespace `netns` only."""
+
+    def write() -> None:
+        for path, value in values.items():
+            Path("/proc/sys/net", path).write_text(value)
+
+    # /proc/sys/net shows the namespace of the thread that opens it.
+    call_in_netns(netns, write)
+
+
+def build_fabric(netns: str, gateways: list[ipaddress.IPv4Interface]) -> None:
+    """The fabric namespace: its bridge holds each subnet's gateway address and routes between them."""
     create_netns(netns)
+    # `default` before the bridge exists, so that it inherits it; `all` and `default` must both be off.
+    _write_sysctls(
+        netns,
+        {
+            "ipv4/conf/default/send_redirects": "0",
+            "ipv4/conf/all/send_redirects": "0",
+            "ipv4/ip_forward": "1",
+        },
+    )
     with _netlink(netns, f"bridge {BRIDGE}") as ipr:
         _up(ipr, "lo")
         ipr.link("add", ifname=BRIDGE, kind="bridge")
         index = _index(ipr, BRIDGE)
-        ipr.addr("add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
+        for gateway in gateways:
+            ipr.addr("add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
         ipr.link("set", index=index, state="up")
 
 
-def _write_sysctl(path: str, value: str) -> None:
-    Path("/proc/sys/net", path).write_text(value)
-
-
-def add_node(
-    fabric: str,
-    index: int,
-    netns: str,
-    address: ipaddress.IPv4Interface,
-    gateway: ipaddress.IPv4Address,
-) -> None:
-    """Node namespace `netns` with its uplink on the fabric bridge, its address and default route."""
+def _attach(fabric: str, port: str, netns: str, address: ipaddress.IPv4Interface) -> None:
+    """Namespace `netns` on the fabric bridge: uplink, address, default route via its subnet's gateway."""
     create_netns(netns)
-    port = fabric_port(index)
     fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
     try:
         with _netlink(fabric, f"veth {port} to {NODE_UPLINK} of {netns}") as ipr:
@@ -188,6 +204,23 @@ def add_node(
         uplink = _index(ipr, NODE_UPLINK)
         ipr.addr("add", index=uplink, address=str(address.ip), prefixlen=address.network.prefixlen)
         ipr.link("set", index=uplink, state="up")
-        ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=uplink)
-    # /proc/sys/net shows the namespace of the thread that opens it.
-    call_in_netns(netns, lambda: _write_sysctl("ipv4/ip_forward", "1"))
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(address.network.network_address + 1), oif=uplink)
+
+
+def add_node(fabric: str, index: int, netns: str, address: ipaddress.IPv4Interface) -> None:
+    """Node namespace `netns` on the fabric at port `trl-p<index>`; it forwards, as a node routes its pods."""
+    _attach(fabric, fabric_port(index), netns, address)
+    _write_sysctls(netns, {"ipv4/ip_forward": "1"})
+
+
+def add_external(fabric: str, netns: str, address: ipaddress.IPv4Interface) -> None:
+    """The external host: a namespace on the fabric that is no node, for egress to reach."""
+    _attach(fabric, EXTERNAL_PORT, netns, address)
+
+
+def remove_port(fabric: str, port: str) -> None:
+    """Delete the fabric's veth `port` (its peer goes with it); nothing to do if it is gone."""
+    with _netlink(fabric, f"remove {port}") as ipr:
+        found = ipr.link_lookup(ifname=port)
+        if found:
+            ipr.link("del", index=found[0])

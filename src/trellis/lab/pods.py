@@ -8,7 +8,8 @@ result for DEL, as libcni does. Removal goes in the runtime's order too: stop th
 processes, CNI DEL, remove the namespace. CNI error 11 ("try again later", e.g. while the
 supervisor restarts an agent) is retried until a deadline, as kubelet retries.
 
-Each pod runs `podserver.py` on its ports, so the probe measures real TCP and UDP traffic.
+Each pod runs `podserver.py` on its ports, so the probe measures real TCP and UDP traffic;
+so does the lab's external host, whose answers show the address a pod's traffic arrives from.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from trellis.dataplane.kernel.netns import netns_path
 from trellis.lab import podserver
 from trellis.lab.errors import LabError
 from trellis.lab.fabric import create_netns, remove_netns
-from trellis.lab.manifest import PodObject
+from trellis.lab.manifest import ContainerPort, PodObject
 from trellis.lab.process import ProcessRef, in_netns, stop
 from trellis.lab.runtime import CniRuntime, PluginError
-from trellis.lab.state import LabPaths, Node, Pod, pod_netns
+from trellis.lab.state import LabPaths, LabState, Node, Pod, pod_netns, save
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def node_cni_path(paths: LabPaths, node: Node) -> list[Path]:
 def node_ready(paths: LabPaths, node: Node) -> bool:
     """Whether the node's plugin answers CNI STATUS with success (its agent serves)."""
     try:
-        node_runtime(paths, node).status()
+        with node_runtime(paths, node) as runtime:
+            runtime.status()
     except (PluginError, OSError):
         return False
     return True
@@ -136,19 +138,18 @@ def _first_line(stream: IO[bytes], timeout_s: float) -> str:
     return data.decode(errors="replace").partition("\n")[0]
 
 
-def _start_server(paths: LabPaths, pod: Pod) -> ProcessRef:
-    """Start the pod's server in its namespace; return once it listens on every port."""
-    log_path = paths.pod_log(pod.key)
+def start_server(netns: str, name: str, ports: tuple[ContainerPort, ...], log_path: Path) -> ProcessRef:
+    """Start a pod server called `name` in `netns`; return once it listens on every port."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-I", "-S", podserver.__file__, "--name", pod.key]
-    command += [f"--listen={port.port}/{port.protocol}" for port in pod.ports]
+    command = [sys.executable, "-I", "-S", podserver.__file__, "--name", name]
+    command += [f"--listen={port.port}/{port.protocol}" for port in ports]
     with log_path.open("ab") as err:
         proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,
-            preexec_fn=in_netns(pod.netns),  # noqa: PLW1509 (no other thread runs meanwhile)
+            preexec_fn=in_netns(netns),  # noqa: PLW1509 (no other thread runs meanwhile)
             start_new_session=True,
         )
     assert proc.stdout is not None
@@ -158,7 +159,7 @@ def _start_server(paths: LabPaths, pod: Pod) -> ProcessRef:
         proc.kill()
         proc.wait()
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
-        raise LabError(f"pod {pod.key}: its server did not start ({tail[0] if tail else 'no output'})")
+        raise LabError(f"server {name} did not start ({tail[0] if tail else 'no output'})")
     return ProcessRef.of(proc.pid)
 
 
@@ -169,13 +170,14 @@ def attach(paths: LabPaths, node: Node, pod: Pod) -> Pod:
     """
     create_netns(pod.netns)
     try:
-        runtime = node_runtime(paths, node)
-        result = _retrying(
-            f"pod {pod.key}: CNI ADD on {node.name}",
-            lambda: runtime.add(pod.container_id, netns_path(pod.netns), POD_IFNAME, cni_args(pod)),
-        )
+        with node_runtime(paths, node) as runtime:
+            result = _retrying(
+                f"pod {pod.key}: CNI ADD on {node.name}",
+                lambda: runtime.add(pod.container_id, netns_path(pod.netns), POD_IFNAME, cni_args(pod)),
+            )
         pod = replace(pod, ip=_result_ip(pod, result))
-        return replace(pod, server=_start_server(paths, pod))
+        server = start_server(pod.netns, pod.key, pod.ports, paths.pod_log(pod.key))
+        return replace(pod, server=server)
     except BaseException:
         try:
             detach(paths, node, pod)
@@ -187,10 +189,21 @@ def attach(paths: LabPaths, node: Node, pod: Pod) -> Pod:
 def detach(paths: LabPaths, node: Node, pod: Pod) -> None:
     """Remove the pod: stop its server, CNI DEL on its node, remove its namespace (idempotent)."""
     stop([pod.server], grace_s=2.0)
-    runtime = node_runtime(paths, node)
-    _retrying(
-        f"pod {pod.key}: CNI DEL on {node.name}",
-        lambda: runtime.delete(pod.container_id, netns_path(pod.netns), POD_IFNAME, cni_args(pod)),
-    )
+    with node_runtime(paths, node) as runtime:
+        _retrying(
+            f"pod {pod.key}: CNI DEL on {node.name}",
+            lambda: runtime.delete(pod.container_id, netns_path(pod.netns), POD_IFNAME, cni_args(pod)),
+        )
     remove_netns(pod.netns)
     paths.pod_log(pod.key).unlink(missing_ok=True)
+
+
+def delete_pod(paths: LabPaths, state: LabState, key: str) -> str:
+    """Remove pod `key` of the lab and its record; returns what `kubectl delete` would print."""
+    pod = state.pods.get(key)
+    if pod is None:
+        return f"pod/{key} not found"
+    detach(paths, state.node(pod.node), pod)
+    del state.pods[key]
+    save(paths, state)
+    return f"pod/{key} deleted"

@@ -1,11 +1,12 @@
 """The program a lab pod runs: it answers on the pod's ports so that probes see real traffic.
 
-TCP: accept, send the pod's name and a newline, close. UDP: echo every datagram to its
-sender. One thread, one selector. It imports only the standard library, because the lab
-runs this file by path with `python -I -S` inside the pod's namespace (no site, no Trellis:
-it starts in a few milliseconds). Once every socket is bound it prints one line,
-`ready PORT/PROTO ...` (with the ports really bound, so 0 means "any"), and closes stdout;
-the lab waits for that line, so a probe right after `apply` finds the pod listening.
+TCP: accept, send the pod's name, a space, the client's address as this server sees it and a
+newline, then close; the address shows whether a connection kept its source or was masqueraded.
+UDP: echo every datagram to its sender. One thread, one selector. It imports only the standard
+library, because the lab runs this file by path with `python -I -S` inside the pod's namespace
+(no site, no Trellis: it starts in a few milliseconds). Once every socket is bound it prints
+one line, `ready PORT/PROTO ...` (with the ports really bound, so 0 means "any"), and closes
+stdout; the lab waits for that line, so a probe right after `apply` finds the pod listening.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ def _listen(address: str, spec: str) -> socket.socket:
     return sock
 
 
-def _answer(sock: socket.socket, greeting: bytes) -> None:
+def _answer(sock: socket.socket, name: str) -> None:
     if sock.type == socket.SOCK_STREAM:
         try:
-            conn, _ = sock.accept()
+            conn, peer = sock.accept()
         except OSError:
             return
         with contextlib.suppress(OSError):
-            conn.send(greeting)
+            conn.send(f"{name} {peer[0]}\n".encode())
         conn.close()
         return
     try:
@@ -55,13 +56,12 @@ def serve(name: str, address: str, specs: list[str]) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-    greeting = f"{name}\n".encode()
     with selectors.DefaultSelector() as selector:
         for sock in sockets:
             selector.register(sock, selectors.EVENT_READ, sock)
         while True:
             for key, _ in selector.select():
-                _answer(key.data, greeting)
+                _answer(key.data, name)
 
 
 def main() -> None:

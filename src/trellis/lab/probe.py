@@ -8,7 +8,8 @@ non-blocking under one selector with one deadline: a matrix takes about the time
 
 TCP: reachable when the handshake completes. UDP: reachable when the destination's pod
 server echoes the datagram (re-sent every 200 ms in case one is lost); an ICMP error or
-silence until the deadline is unreachable.
+silence until the deadline is unreachable. `ask` reads what one server answers instead: a pod
+server names itself and the source address it saw, which shows masquerading at work.
 """
 
 from __future__ import annotations
@@ -191,3 +192,15 @@ def probe(
     for row, dst_name, attempt in attempts:
         row[dst_name] = attempt.ok
     return list(matrices.values())
+
+
+def ask(netns: str, ip: ipaddress.IPv4Address, port: int, timeout_s: float = TIMEOUT_S) -> str:
+    """The answer of the TCP server at `ip`:`port` to a connection from namespace `netns`."""
+    (sock,) = _sockets_in(netns, [socket.SOCK_STREAM])
+    with sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect((str(ip), port))
+            return sock.recv(256).decode(errors="replace").strip()
+        except OSError as err:
+            raise LabError(f"{ip}:{port} from {netns}: {err.strerror or err}") from None

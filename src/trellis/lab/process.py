@@ -1,4 +1,4 @@
-"""Processes the lab starts, named by PID and start time, and waiting with a deadline.
+"""Processes the lab starts, named by PID and start time, their logs, and waiting with a deadline.
 
 Why the start time: the lab kills processes it recorded, possibly long after (`lab down`
 from another shell). A PID alone may by then belong to some other process; the kernel's
@@ -33,6 +33,15 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, poll_s: float = 
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll_s)
+
+
+def log_tail(path: Path, lines: int = 3) -> str:
+    """The last lines of a process's log, on one line, for an error message."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return "no log"
+    return " | ".join(text[-lines:]) or "empty log"
 
 
 def _start_time(pid: int) -> int | None:

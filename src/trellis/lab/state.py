@@ -7,14 +7,17 @@ records each object in the state *before* creating it, so that `down` finds ever
 may exist. The state is replaced by rename, so readers (status, probe, exec) never lock.
 
 The naming plan lives here too: every namespace is `trl-<lab>-...`, every lab gets its own
-underlay /24 out of 172.31.0.0/16 (apart from the pod pool 10.244.0.0/16), chosen under a
-lock shared by all labs.
+underlay subnets (one /24 each, `--subnets` of them) out of 172.31.0.0/16 (apart from the pod
+pool 10.244.0.0/16), chosen under a lock shared by all labs. A node's index k gives it its
+fabric port `trl-p<k>` and host 10+k of subnet (k-1) mod K, so nodes alternate over the
+subnets and no two nodes of a lab share an address or a port name.
 """
 
 from __future__ import annotations
 
 import fcntl
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -33,11 +36,16 @@ LAB_ROOT = Path("/run/trellis/lab")
 UNDERLAY_POOL = ipaddress.IPv4Network("172.31.0.0/16")
 UNDERLAY_PREFIXLEN = 24
 FIRST_NODE_HOST = 10
-"""Node k's underlay address is host FIRST_NODE_HOST + k of the lab's /24; host 1 is the gateway."""
+"""Node k's underlay address is host FIRST_NODE_HOST + k of its subnet; host 1 is the gateway."""
+EXTERNAL_HOST = 254
+"""The external host's address is this host of the first subnet: above every node's."""
 MAX_NODES = 240
-STATE_VERSION = 1
+MAX_SUBNETS = 16
+STATE_VERSION = 2
 
 _LAB_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?$")
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_RESERVED_NODE_NAMES = ("fabric", "ext")
 
 
 def check_lab_name(name: str) -> str:
@@ -50,8 +58,23 @@ def check_lab_name(name: str) -> str:
     return name
 
 
+def check_node_name(name: str) -> str:
+    """`name` if it can name a node: a DNS label that no other namespace of the lab is named after."""
+    if not _NODE_NAME.match(name):
+        raise LabError(
+            f"node name {name!r} is invalid: a DNS label (1 to 63 lower-case letters, digits, '-')"
+        )
+    if name in _RESERVED_NODE_NAMES or name.startswith("pod-"):
+        raise LabError(f"node name {name!r} is reserved: the lab names its own namespaces so")
+    return name
+
+
 def fabric_netns(lab: str) -> str:
     return f"trl-{lab}-fabric"
+
+
+def external_netns(lab: str) -> str:
+    return f"trl-{lab}-ext"
 
 
 def node_netns(lab: str, node: str) -> str:
@@ -66,12 +89,13 @@ def node_names(count: int) -> list[str]:
     return [f"node-{k}" for k in range(1, count + 1)]
 
 
-def pick_underlay(used: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
-    """The first /24 of the underlay pool that no other lab uses."""
-    for subnet in UNDERLAY_POOL.subnets(new_prefix=UNDERLAY_PREFIXLEN):
-        if subnet not in used:
-            return subnet
-    raise LabError(f"every underlay subnet of {UNDERLAY_POOL} is in use by another lab")
+def pick_subnets(used: set[ipaddress.IPv4Network], count: int) -> list[ipaddress.IPv4Network]:
+    """The first `count` /24s of the underlay pool that no other lab uses."""
+    free = (s for s in UNDERLAY_POOL.subnets(new_prefix=UNDERLAY_PREFIXLEN) if s not in used)
+    picked = list(itertools.islice(free, count))
+    if len(picked) < count:
+        raise LabError(f"{UNDERLAY_POOL} has {len(picked)} underlay subnet(s) left, not {count}")
+    return picked
 
 
 @dataclass(frozen=True)
@@ -100,6 +124,28 @@ class LabPaths:
     @property
     def supervisor_log(self) -> Path:
         return self.dir / "supervisor.log"
+
+    @property
+    def supervisor_record(self) -> Path:
+        """The revision of the state the supervisor last followed (JSON)."""
+        return self.dir / "supervisor.json"
+
+    @property
+    def etcd_dir(self) -> Path:
+        return self.dir / "etcd"
+
+    @property
+    def etcd_log(self) -> Path:
+        return self.dir / "etcd.log"
+
+    @property
+    def etcd_record(self) -> Path:
+        """The supervisor's record of the etcd server process (JSON), as agent.json for agents."""
+        return self.dir / "etcd.json"
+
+    @property
+    def external_log(self) -> Path:
+        return self.dir / "external.log"
 
     def node_dir(self, node: str) -> Path:
         return self.dir / "nodes" / node
@@ -131,14 +177,16 @@ class LabPaths:
 class Node:
     name: str
     netns: str
-    underlay_ip: ipaddress.IPv4Address
+    index: int
+    """Its place on the fabric: bridge port `trl-p<index>`, host FIRST_NODE_HOST + index."""
+    underlay: ipaddress.IPv4Interface
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "netns": self.netns, "underlay_ip": str(self.underlay_ip)}
+        return {"name": self.name, "netns": self.netns, "index": self.index, "underlay": str(self.underlay)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Node:
-        return cls(data["name"], data["netns"], ipaddress.IPv4Address(data["underlay_ip"]))
+        return cls(data["name"], data["netns"], int(data["index"]), ipaddress.IPv4Interface(data["underlay"]))
 
 
 @dataclass(frozen=True)
@@ -199,7 +247,8 @@ class LabState:
     name: str
     backend: str
     datastore: str
-    underlay: ipaddress.IPv4Network
+    subnets: list[ipaddress.IPv4Network]
+    """The underlay subnets, all on the fabric's bridge; the first holds etcd and the external host."""
     nodes: list[Node]
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     """Namespace name to its labels."""
@@ -208,14 +257,35 @@ class LabState:
     supervisor: ProcessRef | None = None
     next_node: int = 0
     """Round-robin cursor: the index into `nodes` of where the next unplaced pod goes."""
+    retired: list[Node] = field(default_factory=list)
+    """Nodes left the cluster whose namespace may still exist (`node remove` was interrupted)."""
+    external_server: ProcessRef | None = None
+    revision: int = 0
+    """Counts saves; the supervisor reports the revision it last followed (see `supervisor_record`)."""
 
     @property
     def fabric_netns(self) -> str:
         return fabric_netns(self.name)
 
     @property
+    def external_netns(self) -> str:
+        return external_netns(self.name)
+
+    @property
+    def gateways(self) -> list[ipaddress.IPv4Interface]:
+        """The fabric's address on each subnet (host 1)."""
+        return [ipaddress.IPv4Interface(f"{s.network_address + 1}/{s.prefixlen}") for s in self.subnets]
+
+    @property
     def gateway(self) -> ipaddress.IPv4Address:
-        return self.underlay.network_address + 1
+        """The fabric's address on the first subnet, where its etcd server listens."""
+        return self.gateways[0].ip
+
+    @property
+    def external(self) -> ipaddress.IPv4Interface:
+        """The external host's address: on the fabric, neither a node nor in a pool."""
+        first = self.subnets[0]
+        return ipaddress.IPv4Interface(f"{first.network_address + EXTERNAL_HOST}/{first.prefixlen}")
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -235,12 +305,15 @@ class LabState:
             "name": self.name,
             "backend": self.backend,
             "datastore": self.datastore,
-            "underlay": str(self.underlay),
+            "subnets": [str(s) for s in self.subnets],
             "nodes": [n.to_json() for n in self.nodes],
             "namespaces": self.namespaces,
             "pods": [p.to_json() for p in self.pods.values()],
             "supervisor": None if self.supervisor is None else self.supervisor.to_json(),
             "next_node": self.next_node,
+            "retired": [n.to_json() for n in self.retired],
+            "external_server": None if self.external_server is None else self.external_server.to_json(),
+            "revision": self.revision,
         }
 
     @classmethod
@@ -252,12 +325,15 @@ class LabState:
             name=data["name"],
             backend=data["backend"],
             datastore=data["datastore"],
-            underlay=ipaddress.IPv4Network(data["underlay"]),
+            subnets=[ipaddress.IPv4Network(s) for s in data["subnets"]],
             nodes=[Node.from_json(n) for n in data["nodes"]],
             namespaces={k: dict(v) for k, v in data["namespaces"].items()},
             pods={p.key: p for p in pods},
             supervisor=ProcessRef.from_json(data["supervisor"]),
             next_node=int(data["next_node"]),
+            retired=[Node.from_json(n) for n in data["retired"]],
+            external_server=ProcessRef.from_json(data["external_server"]),
+            revision=int(data["revision"]),
         )
 
 
@@ -275,12 +351,33 @@ def check_node_count(count: int) -> int:
     return count
 
 
-def plan_nodes(lab: str, underlay: ipaddress.IPv4Network, count: int) -> list[Node]:
+def check_subnet_count(count: int) -> int:
+    if not 1 <= count <= MAX_SUBNETS:
+        raise LabError(f"--subnets {count}: a lab has 1 to {MAX_SUBNETS} underlay subnets")
+    return count
+
+
+def plan_node(lab: str, subnets: list[ipaddress.IPv4Network], name: str, index: int) -> Node:
+    """Node `name` at `index`: on subnet (index-1) mod K, host FIRST_NODE_HOST + index."""
+    subnet = subnets[(index - 1) % len(subnets)]
+    address = ipaddress.IPv4Interface(
+        f"{subnet.network_address + FIRST_NODE_HOST + index}/{subnet.prefixlen}"
+    )
+    return Node(name, node_netns(lab, name), index, address)
+
+
+def plan_nodes(lab: str, subnets: list[ipaddress.IPv4Network], count: int) -> list[Node]:
     """Nodes node-1..node-COUNT with their namespaces and underlay addresses."""
-    return [
-        Node(name, node_netns(lab, name), underlay.network_address + FIRST_NODE_HOST + k)
-        for k, name in enumerate(node_names(count), start=1)
-    ]
+    return [plan_node(lab, subnets, name, k) for k, name in enumerate(node_names(count), start=1)]
+
+
+def free_index(state: LabState) -> int:
+    """The lowest node index no node of the lab holds (nor one being removed)."""
+    taken = {n.index for n in [*state.nodes, *state.retired]}
+    for index in range(1, MAX_NODES + 1):
+        if index not in taken:
+            return index
+    raise LabError(f"lab {state.name} has {MAX_NODES} nodes already")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -291,6 +388,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def save(paths: LabPaths, state: LabState) -> None:
+    state.revision += 1
     write_json_atomic(paths.state, state.to_json())
 
 
@@ -346,22 +444,24 @@ def locked_state(paths: LabPaths) -> Iterator[LabState]:
         yield load(paths)
 
 
-def _used_underlays(root: Path) -> set[ipaddress.IPv4Network]:
-    used = set()
+def _used_subnets(root: Path) -> set[ipaddress.IPv4Network]:
+    used: set[ipaddress.IPv4Network] = set()
     for path in root.glob("*/state.json"):
         try:
-            used.add(ipaddress.IPv4Network(json.loads(path.read_text())["underlay"]))
+            used.update(ipaddress.IPv4Network(s) for s in json.loads(path.read_text())["subnets"])
         except (OSError, ValueError, KeyError):
             continue  # a lab being removed
     return used
 
 
 @contextmanager
-def new_lab(paths: LabPaths, build: Callable[[ipaddress.IPv4Network], LabState]) -> Iterator[LabState]:
-    """Create the lab's directory and first state (from `build`, given a free underlay) and hold its lock.
+def new_lab(
+    paths: LabPaths, build: Callable[[list[ipaddress.IPv4Network]], LabState], subnets: int = 1
+) -> Iterator[LabState]:
+    """Create the lab's directory and first state (from `build`, given free subnets) and hold its lock.
 
-    Raises LabError if the lab exists. The underlay is chosen under a lock all labs share, so
-    two labs made at once get different subnets.
+    Raises LabError if the lab exists. The subnets are chosen under a lock all labs share, so
+    two labs made at once get different ones.
     """
     paths.root.mkdir(parents=True, exist_ok=True)
     shared = _flock(paths.root / ".lock", os.O_CREAT)
@@ -372,7 +472,7 @@ def new_lab(paths: LabPaths, build: Callable[[ipaddress.IPv4Network], LabState])
             raise LabError(already_exists(paths.name)) from None
         fd = _flock(paths.lock, os.O_CREAT)
         try:
-            state = build(pick_underlay(_used_underlays(paths.root)))
+            state = build(pick_subnets(_used_subnets(paths.root), subnets))
             save(paths, state)
         except BaseException:
             shutil.rmtree(paths.dir, ignore_errors=True)

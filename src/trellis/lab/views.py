@@ -20,16 +20,16 @@ def _labels(labels: dict[str, str]) -> str:
 def nodes_table(state: LabState, nodes: list[NodeStatus]) -> Table:
     table = Table(
         title=f"lab {state.name}: backend {state.backend}, datastore {state.datastore}, "
-        f"underlay {state.underlay}",
+        f"underlay {', '.join(map(str, state.subnets))}",
         title_justify="left",
     )
-    for column in ("node", "netns", "underlay IP", "agent PID", "restarts", "ready"):
+    for column in ("node", "netns", "underlay", "agent PID", "restarts", "ready"):
         table.add_column(column)
     for node in nodes:
         table.add_row(
             node.name,
             node.netns,
-            str(node.underlay_ip),
+            str(node.underlay),
             "-" if node.agent is None else str(node.agent.pid),
             str(node.restarts),
             "[green]yes[/]" if node.ready else "[red]no[/]",

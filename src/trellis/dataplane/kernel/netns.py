@@ -36,25 +36,34 @@ def setns(fd: int) -> None:
         raise OSError(errno, os.strerror(errno))
 
 
+def enter(netns: str) -> None:
+    """Move the calling thread into `netns` (by name or path) for good.
+
+    For a thread that does nothing else afterwards, a thread pool's initializer, or a forked
+    child's `preexec_fn` (bind it with `functools.partial`).
+    """
+    fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(fd)
+    finally:
+        os.close(fd)
+
+
 def call_in_netns(netns: str, func: Callable[[], T]) -> T:
     """Run `func` in a thread that has entered `netns`; returns its result or raises its error."""
-    fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
     box: list[T] = []
     failure: list[BaseException] = []
 
     def body() -> None:
         try:
-            setns(fd)
+            enter(netns)
             box.append(func())
         except BaseException as err:  # handed to the caller's thread below
             failure.append(err)
 
-    try:
-        thread = threading.Thread(target=body, name=f"netns:{netns}", daemon=True)
-        thread.start()
-        thread.join()
-    finally:
-        os.close(fd)
+    thread = threading.Thread(target=body, name=f"netns:{netns}", daemon=True)
+    thread.start()
+    thread.join()
     if failure:
         raise failure[0]
     return box[0]

@@ -6,17 +6,41 @@ Trellis filters or rewrites lives in this table and nowhere else.
 
 Egress: pod traffic leaving for anything outside the cluster (pools and node addresses) is
 masqueraded to the node's address; pod-to-pod and pod-to-node traffic keeps its source.
+
+Policy (when a `PolicyState` is given; docs/design/policy.md): a `forward` filter chain lets
+replies of allowed connections through by conntrack, then jumps, through verdict maps keyed by
+interface name, to the sending pod's egress chain and to the receiving pod's ingress chain, so
+adding a pod adds a map element, never a rule every packet walks. A pod's chain per tier
+returns when the direction is allowed (the other direction must still be checked), drops when
+it is denied, and goes to the next tier on Pass. A pod interface missing from the `endpoints`
+set (its policy not computed yet) is dropped: fail closed. Pod-to-own-node traffic takes the
+input and output hooks, which carry no filter, so kubelet probes always pass.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from trellis.calc.policy import Outcome, PolicyState, PortMatch, Rule, Tier
+from trellis.model.k8s import Action, Direction
+from trellis.model.naming import PREFIX
+
 TABLE = "trl"
 FAMILY = "inet"
+FORWARD = "forward"
+ENDPOINTS = "endpoints"
+"""Set of the host interfaces of local pods whose policy is known."""
+POD_IFNAMES = "pod_ifnames"
+"""Set of the name patterns of every pod host interface, known or not: `trl` and a hex digit
+(`trl` + 11 hex, while the node's own `trl-eth0` and `trl.vxlan` never match)."""
+POD_IFNAME_PATTERNS = tuple(f"{PREFIX}{digit}*" for digit in "0123456789abcdef")
+MAPS = {Direction.EGRESS: "egress", Direction.INGRESS: "ingress"}
+"""Verdict map per direction: host interface -> jump to that pod's first tier chain."""
+COMMENT_MAX = 128
+"""nftables' limit on a comment's length."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +49,10 @@ class NatState:
     """The pools pods take addresses from."""
     cluster_nets: frozenset[ipaddress.IPv4Network]
     """Destinations that keep the pod's source: the pools and every node's address."""
+
+
+def _in_table(**body: Any) -> dict[str, Any]:
+    return {"family": FAMILY, "table": TABLE, **body}
 
 
 def _set_elements(nets: Iterable[ipaddress.IPv4Network]) -> list[Any]:
@@ -37,22 +65,20 @@ def _set_elements(nets: Iterable[ipaddress.IPv4Network]) -> list[Any]:
     return out
 
 
+def _named(kind: str, name: str, elements: list[Any], **body: Any) -> dict[str, Any]:
+    """A set or map of the table; an empty one carries no `elem`."""
+    return {kind: _in_table(name=name, **body, **({"elem": elements} if elements else {}))}
+
+
 def _set(name: str, nets: Iterable[ipaddress.IPv4Network]) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "family": FAMILY,
-        "table": TABLE,
-        "name": name,
-        "type": "ipv4_addr",
-        "flags": ["interval"],
-    }
-    elements = _set_elements(nets)
-    if elements:
-        body["elem"] = elements
-    return {"set": body}
+    return _named("set", name, _set_elements(nets), type="ipv4_addr", flags=["interval"])
 
 
-def render_table(nat: NatState) -> list[dict[str, Any]]:
-    """The commands that replace the table: pass as {"nftables": [...]}."""
+def render_table(nat: NatState, policy: PolicyState | None = None) -> list[dict[str, Any]]:
+    """The commands that replace the table: pass as {"nftables": [...]}.
+
+    `policy` None leaves the filter part out (policy not enabled): nothing is filtered.
+    """
     table = {"family": FAMILY, "name": TABLE}
     chain = {
         "family": FAMILY,
@@ -95,4 +121,128 @@ def render_table(nat: NatState) -> list[dict[str, Any]]:
         {"add": _set("cluster_nets", nat.cluster_nets)},
         {"add": {"chain": chain}},
         {"add": {"rule": masquerade}},
+        *(_render_policy(policy) if policy is not None else []),
     ]
+
+
+_COUNTER = {"counter": {"packets": 0, "bytes": 0}}
+_L4PROTO = {"meta": {"key": "l4proto"}}
+_DPORT = {"payload": {"protocol": "th", "field": "dport"}}
+_DADDR = {"payload": {"protocol": "ip", "field": "daddr"}}
+_PEER = {
+    Direction.INGRESS: {"payload": {"protocol": "ip", "field": "saddr"}},
+    Direction.EGRESS: _DADDR,
+}
+_IFNAME = {Direction.EGRESS: {"meta": {"key": "iifname"}}, Direction.INGRESS: {"meta": {"key": "oifname"}}}
+"""The interface that names the pod whose policy a direction checks: it sends, or it receives."""
+_WORDS = {Direction.EGRESS: ("sends", "from"), Direction.INGRESS: ("receives", "to")}
+_RETURN: dict[str, Any] = {"return": None}
+_DROP: dict[str, Any] = {"drop": None}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _rule(chain: str, comment: str, *expr: dict[str, Any]) -> dict[str, Any]:
+    """A rule with a counter before its verdict (the last expression)."""
+    body = _in_table(chain=chain, comment=comment[:COMMENT_MAX], expr=[*expr[:-1], _COUNTER, expr[-1]])
+    return {"add": {"rule": body}}
+
+
+def chain_name(direction: Direction, interface: str, tier: Tier) -> str:
+    """`egress_trl0123456789a_admin`: one chain per pod, direction and tier."""
+    return f"{direction.lower()}_{interface}_{tier.kind}"
+
+
+def _port_alternatives(ports: PortMatch) -> Iterator[list[dict[str, Any]]]:
+    """One list of matches per way the ports can match (an nft rule cannot OR two matches)."""
+    if ports.ranges:
+        elements = [
+            {"concat": [r.protocol.number, r.first if r.first == r.last else {"range": [r.first, r.last]}]}
+            for r in ports.ranges
+        ]
+        yield [_match({"concat": [_L4PROTO, _DPORT]}, {"set": elements})]
+    for named in ports.named:
+        protocol = [] if named.protocol is None else [_match(_L4PROTO, named.protocol.number)]
+        yield [*protocol, _match({"concat": [_DADDR, _L4PROTO, _DPORT]}, f"@{named.port_set}")]
+
+
+def _rule_matches(rule: Rule, direction: Direction) -> Iterator[list[dict[str, Any]]]:
+    peers: list[list[dict[str, Any]]] = (
+        [[]] if rule.peers is None else [[_match(_PEER[direction], f"@{name}")] for name in rule.peers]
+    )
+    ports = [[]] if rule.ports is None else list(_port_alternatives(rule.ports))
+    for peer in peers:
+        for port in ports:
+            yield [*peer, *port]
+
+
+def _tier_rules(chain: str, tier: Tier, next_chain: str | None) -> Iterator[dict[str, Any]]:
+    onward = {"goto": {"target": next_chain}} if next_chain else _RETURN
+    verdicts = {Action.ACCEPT: _RETURN, Action.DENY: _DROP, Action.PASS: onward}
+    for rule in tier.rules:
+        for matches in _rule_matches(rule, rule.origin.direction):
+            yield _rule(chain, f"{rule.origin}: {rule.action}", *matches, verdicts[rule.action])
+    defaults = {Outcome.NEXT: onward, Outcome.DENY: _DROP, Outcome.ALLOW: _RETURN}
+    yield _rule(chain, tier.default_description, defaults[tier.default])
+
+
+def _forward_rules() -> Iterator[dict[str, Any]]:
+    ct_state = {"ct": {"key": "state"}}
+    yield _rule(
+        FORWARD,
+        "replies and related packets of allowed connections",
+        _match(ct_state, ["established", "related"], "in"),
+        {"accept": None},
+    )
+    yield _rule(FORWARD, "invalid packets", _match(ct_state, "invalid", "in"), _DROP)
+    for direction, (verb, _) in _WORDS.items():
+        yield _rule(
+            FORWARD,
+            f"{direction.lower()} policy of the pod that {verb}",
+            {"vmap": {"key": _IFNAME[direction], "data": f"@{MAPS[direction]}"}},
+        )
+    for direction, (_, preposition) in _WORDS.items():
+        yield _rule(
+            FORWARD,
+            f"fail closed: {preposition} a pod interface without policy",
+            _match(_IFNAME[direction], f"@{POD_IFNAMES}"),
+            _match(_IFNAME[direction], f"@{ENDPOINTS}", "!="),
+            _DROP,
+        )
+
+
+def _render_policy(policy: PolicyState) -> list[dict[str, Any]]:
+    sets: list[dict[str, Any]] = [
+        _named("set", POD_IFNAMES, list(POD_IFNAME_PATTERNS), type="ifname", flags=["interval"]),
+        _named("set", ENDPOINTS, sorted(policy.endpoints), type="ifname"),
+        *(_set(s.name, s.networks) for s in policy.address_sets.values()),
+        *(
+            _named(
+                "set",
+                s.name,
+                [{"concat": [str(ip), protocol.number, port]} for ip, protocol, port in s.elements],
+                type=["ipv4_addr", "inet_proto", "inet_service"],
+            )
+            for s in policy.port_sets.values()
+        ),
+    ]
+    chains = [_in_table(name=FORWARD, type="filter", hook="forward", prio=0, policy="accept")]
+    rules = list(_forward_rules())
+    entries: dict[Direction, list[Any]] = {direction: [] for direction in MAPS}
+    for interface, endpoint in sorted(policy.endpoints.items()):
+        for direction in MAPS:
+            tiers = endpoint.tiers(direction)
+            names = [chain_name(direction, interface, tier) for tier in tiers]
+            for index, tier in enumerate(tiers):
+                chains.append(_in_table(name=names[index]))
+                rules.extend(
+                    _tier_rules(names[index], tier, names[index + 1] if index + 1 < len(names) else None)
+                )
+            if names:
+                entries[direction].append([interface, {"jump": {"target": names[0]}}])
+    maps = [
+        _named("map", MAPS[direction], entries[direction], type="ifname", map="verdict") for direction in MAPS
+    ]
+    return [{"add": item} for item in (*sets, *({"chain": c} for c in chains), *maps)] + rules

@@ -1,0 +1,193 @@
+"""Nodes joining and leaving a lab: what `up` does per node, `lab node add` and `lab node remove`.
+
+Why removing a node is the lab's work and not its agent's: an agent that stops does not leave
+the cluster (a restart must disturb nothing), so a node leaves the way an operator removes one
+from Kubernetes: drain it (the lab deletes its pods through CNI DEL, as kubelet would), stop
+its agent (the DaemonSet's pod goes), delete its object `/trellis/nodes/NAME` from the
+datastore (as `kubectl delete node`; every other agent then drops its routes) and take the
+machine away (its namespace and fabric port). Until all of that is done the node is recorded
+as retired: `down` still removes its namespace, and running `node remove` again finishes it.
+
+Joining is the reverse: namespace and uplink, CNI configuration, then the supervisor (woken by
+SIGHUP) starts its agent. A node has joined once its agent answers CNI STATUS and has
+registered the node in the datastore; before a pod lands on it, it has no block to route.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from trellis.calc.routes import BACKENDS as ROUTED_BACKENDS
+from trellis.cni.install import install
+from trellis.lab import converge, fabric, store
+from trellis.lab.errors import LabError
+from trellis.lab.pods import delete_pod, node_ready
+from trellis.lab.process import log_tail, stop, wait_until
+from trellis.lab.report import Report, quiet
+from trellis.lab.state import (
+    LAB_ROOT,
+    LabPaths,
+    LabState,
+    Node,
+    check_node_name,
+    free_index,
+    locked_state,
+    plan_node,
+    save,
+)
+from trellis.lab.supervisor import current_agent, followed
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 60.0
+"""How long a new node's agent may take to answer CNI STATUS and register the node (seconds)."""
+RELEASE_TIMEOUT_S = 10.0
+"""How long the supervisor may take to stop a removed node's agent (seconds)."""
+SOCKET_PATH_MAX = 107
+"""Longest path of a unix socket (sun_path less its terminating NUL)."""
+
+
+def build_node(paths: LabPaths, state: LabState, node: Node) -> None:
+    """The node's namespace on the fabric and its CNI configuration (the agent comes from the supervisor)."""
+    fabric.add_node(state.fabric_netns, node.index, node.netns, node.underlay)
+    install(paths.cni_bin_dir(node.name), paths.cni_conf_dir(node.name), paths.agent_socket(node.name))
+
+
+def wait_joined(
+    paths: LabPaths, state: LabState, nodes: list[Node], timeout_s: float = JOIN_TIMEOUT_S
+) -> None:
+    """Return once every node's agent is ready and has registered its node; LabError naming one that did not.
+
+    With a backend whose agents do not route between nodes yet (bgp), agents do not register.
+    """
+    supervisor = state.supervisor
+    not_ready = list(nodes)
+    unregistered = [n.name for n in nodes] if state.backend in ROUTED_BACKENDS else []
+
+    def joined() -> bool:
+        if supervisor is None or not supervisor.alive():
+            raise LabError(f"lab {state.name}: the supervisor exited ({log_tail(paths.supervisor_log)})")
+        not_ready[:] = [node for node in not_ready if not node_ready(paths, node)]
+        if not_ready:
+            return False
+        unregistered[:] = sorted(set(unregistered) - store.registered(paths, state, unregistered))
+        return not unregistered
+
+    if wait_until(joined, timeout_s, poll_s=0.1):
+        return
+    if not_ready:
+        late = not_ready[0].name
+        raise LabError(f"{late}: agent not ready after {timeout_s:.0f} s ({log_tail(paths.agent_log(late))})")
+    late = unregistered[0]
+    raise LabError(
+        f"{late}: agent ready, but the node is not registered in the datastore after {timeout_s:.0f} s "
+        f"({log_tail(paths.agent_log(late))})"
+    )
+
+
+def _wake_supervisor(state: LabState) -> None:
+    """Have the supervisor follow the nodes the state now holds."""
+    if state.supervisor is not None:
+        state.supervisor.signal(signal.SIGHUP)
+
+
+def _release_agent(paths: LabPaths, state: LabState, node: Node) -> None:
+    """Have the supervisor stop the node's agent for good (SIGTERM by its PID); return once it is gone.
+
+    The state no longer holds the node: once the supervisor has followed this revision, it
+    has stopped the agent and will not start it again.
+    """
+    _wake_supervisor(state)
+    supervisor = state.supervisor
+
+    def released() -> bool:
+        if supervisor is None or not supervisor.alive():
+            return True  # nobody restarts the agent now: stopping it below is enough
+        return followed(paths) >= state.revision
+
+    wait_until(released, RELEASE_TIMEOUT_S)
+    stop([current_agent(paths, node.name)])  # in case the supervisor could not
+
+
+def _retire(paths: LabPaths, state: LabState, node: Node) -> list[str]:
+    """Take `node` out of the lab: its agent, its datastore object, its namespace and files.
+
+    Returns the blocks it held (as strings), which the other nodes are to stop routing.
+    """
+    if node in state.nodes:
+        state.nodes.remove(node)
+        state.retired.append(node)
+        save(paths, state)
+    _release_agent(paths, state, node)
+    blocks = store.forget_node(paths, state, node.name)
+    fabric.remove_port(state.fabric_netns, fabric.fabric_port(node.index))
+    fabric.remove_netns(node.netns)
+    shutil.rmtree(paths.node_dir(node.name), ignore_errors=True)
+    state.retired.remove(node)
+    save(paths, state)
+    converge.blocks_unrouted(paths, state, node.name, blocks)
+    return [str(block) for block in blocks]
+
+
+def add(name: str, node_name: str, root: Path = LAB_ROOT, report: Report = quiet) -> Node:
+    """Node `node_name` joins lab `name`; returns once its agent is ready and the node registered."""
+    check_node_name(node_name)
+    paths = LabPaths(name, root)
+    with locked_state(paths) as state:
+        if any(n.name == node_name for n in state.nodes):
+            raise LabError(f"lab {name} has a node {node_name} already")
+        if any(n.name == node_name for n in state.retired):
+            raise LabError(
+                f"{node_name} is being removed: `trellis lab node remove {node_name}` finishes that"
+            )
+        if len(str(paths.agent_socket(node_name))) > SOCKET_PATH_MAX:
+            raise LabError(f"node name {node_name!r} is too long for its agent's socket path")
+        node = plan_node(name, state.subnets, node_name, free_index(state))
+        if fabric.netns_exists(node.netns):
+            raise LabError(
+                f"network namespace {node.netns} already exists, yet lab {name} has no node {node_name}"
+            )
+        started = time.monotonic()
+        state.nodes.append(node)
+        save(paths, state)
+        try:
+            build_node(paths, state, node)
+            _wake_supervisor(state)
+            wait_joined(paths, state, [node])
+        except BaseException:
+            try:
+                _retire(paths, state, node)
+            except LabError as err:
+                log.warning("%s: rollback incomplete (`lab node remove` finishes it): %s", node_name, err)
+            raise
+    report(
+        f"{node_name}: joined lab {name} in {time.monotonic() - started:.1f} s "
+        f"(namespace {node.netns}, {fabric.NODE_UPLINK} {node.underlay})"
+    )
+    return node
+
+
+def remove(name: str, node_name: str, root: Path = LAB_ROOT, report: Report = quiet) -> None:
+    """Node `node_name` leaves lab `name`: its pods, agent, datastore object and namespace go.
+
+    Returns once no other node routes to its blocks any more.
+    """
+    paths = LabPaths(name, root)
+    with locked_state(paths) as state:
+        retired = [n for n in state.retired if n.name == node_name]
+        if retired:
+            node = retired[0]  # an earlier removal was interrupted: finish it
+        else:
+            node = state.node(node_name)
+            if len(state.nodes) == 1:
+                raise LabError(
+                    f"{node_name} is the last node of lab {name} (`trellis lab down` removes the lab)"
+                )
+            for key in sorted(k for k, pod in state.pods.items() if pod.node == node_name):
+                report(delete_pod(paths, state, key))
+        blocks = _retire(paths, state, node)
+    report(f"{node_name}: removed from lab {name}; no node routes its blocks ({', '.join(blocks) or 'none'})")

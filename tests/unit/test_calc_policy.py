@@ -1,0 +1,342 @@
+"""The policy calculation: its shape (tiers, sets, ports), problems, and sequences of states."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from tests.unit.policy_cluster import (
+    NAT,
+    NODES,
+    PODS,
+    SERVE_PORTS,
+    Cluster,
+    base_objects,
+    cluster_policy,
+    datastore_key,
+    inputs_of,
+    interface,
+    match,
+    namespace,
+    network_policy,
+    pod,
+    pod_ip,
+)
+from trellis.calc.policy import (
+    NamedPortMatch,
+    Outcome,
+    PolicyInputs,
+    PolicyState,
+    TierKind,
+    compute_policy,
+    read_policy_inputs,
+)
+from trellis.dataplane.render.nft import render_table
+from trellis.model.k8s import Action, PortRange, Protocol
+
+TCP, UDP = Protocol.TCP, Protocol.UDP
+Net = ipaddress.IPv4Network
+
+
+def state_of(*objects: Mapping[str, Any], node: str = "node-1", pods: tuple[str, ...] = PODS) -> PolicyState:
+    inputs = inputs_of(*objects)
+    local = {key: interface(key) for key in pods if inputs.pods[key].node == node}
+    return compute_policy(inputs, node, local)
+
+
+def endpoint(state: PolicyState, key: str) -> Any:
+    return state.endpoints[interface(key)]
+
+
+def test_unrestricted_pods_have_empty_programs() -> None:
+    state = state_of()
+    assert {e.pod for e in state.endpoints.values()} == {"x/a", "y/a", "z/a"}
+    assert all(e.ingress == () and e.egress == () for e in state.endpoints.values())
+    assert state.address_sets == {} and state.port_sets == {} and state.problems == ()
+
+
+def test_isolation_without_rules_is_a_tier_that_denies() -> None:
+    state = state_of(network_policy("deny", ingress=[]))
+    (tier,) = endpoint(state, "x/a").ingress
+    assert (tier.kind, tier.rules, tier.policies, tier.default) == (
+        TierKind.NETWORK_POLICY,
+        (),
+        ("x/deny",),
+        Outcome.DENY,
+    )
+    assert endpoint(state, "x/a").egress == () and endpoint(state, "y/a").ingress == ()
+
+
+def test_equal_selectors_share_one_address_set() -> None:
+    """Written as matchLabels in one policy and matchExpressions in another: one set, two rules."""
+    state = state_of(
+        network_policy("labels", ingress=[{"from": [{"namespaceSelector": match(ns="y")}]}]),
+        network_policy(
+            "expressions",
+            pod_selector=match(pod="a"),
+            ingress=[
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchExpressions": [{"key": "ns", "operator": "In", "values": ["y"]}]
+                            }
+                        }
+                    ]
+                }
+            ],
+        ),
+    )
+    (tier,) = endpoint(state, "x/a").ingress
+    assert [r.origin.policy for r in tier.rules] == ["x/expressions", "x/labels"]
+    assert tier.rules[0].peers == tier.rules[1].peers
+    (only,) = state.address_sets.values()
+    assert only.peer == "pods * in namespaces ns=y"
+    assert only.networks == (Net("10.244.2.10/31"), Net("10.244.2.12/32"))
+
+
+def test_address_sets_hold_only_pods_with_addresses_of_their_own() -> None:
+    host = pod("y/h", ip="172.30.0.11")
+    host["spec"]["hostNetwork"] = True
+    pending = pod("y/p", ip="10.244.9.1")
+    del pending["status"]["podIP"]
+    done = pod("y/d", ip="10.244.9.2")
+    done["status"]["phase"] = "Failed"
+    state = state_of(
+        host, pending, done, network_policy("p", ingress=[{"from": [{"namespaceSelector": {}}]}])
+    )
+    (only,) = state.address_sets.values()
+    assert sum(net.num_addresses for net in only.networks) == len(PODS)
+
+
+def test_ip_block_except_and_ipv6_blocks() -> None:
+    state = state_of(
+        network_policy(
+            "p",
+            ingress=[
+                {"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/9", "10.128.0.0/10"]}}]},
+                {"from": [{"ipBlock": {"cidr": "fd00::/8"}}]},
+            ],
+        )
+    )
+    by_peer = {s.peer: s.networks for s in state.address_sets.values()}
+    assert by_peer == {
+        "networks 10.0.0.0/8 except 10.0.0.0/9,10.128.0.0/10": (Net("10.192.0.0/10"),),
+        "networks fd00::/8": (),
+    }
+
+
+def test_ingress_named_ports_resolve_on_the_endpoint_itself() -> None:
+    """`web` is 8080 on x/a and 9090 on y/a: each endpoint's chain gets its own number."""
+    web = network_policy("web", namespace="x", ingress=[{"ports": [{"port": "web"}]}])
+    web_y = network_policy("web", namespace="y", ingress=[{"ports": [{"port": "web"}]}])
+    state = state_of(
+        pod("x/a", ports=[{"name": "web", "containerPort": 8080}]),
+        pod("y/a", ports=[{"name": "web", "containerPort": 9090, "protocol": "TCP"}]),
+        pod("z/a", ports=[]),
+        web,
+        web_y,
+    )
+    assert endpoint(state, "x/a").ingress[0].rules[0].ports.ranges == (PortRange(TCP, 8080, 8080),)
+    assert endpoint(state, "y/a").ingress[0].rules[0].ports.ranges == (PortRange(TCP, 9090, 9090),)
+    assert state.port_sets == {}
+
+
+def test_egress_named_ports_become_one_set_per_name() -> None:
+    state = state_of(
+        network_policy(
+            "p", egress=[{"ports": [{"port": "serve-81-udp", "protocol": "UDP"}]}], types=["Egress"]
+        )
+    )
+    (rule,) = endpoint(state, "x/a").egress[0].rules
+    assert rule.ports.named == (NamedPortMatch("port_serve-81-udp", UDP),)
+    elements = state.port_sets["port_serve-81-udp"].elements
+    assert elements == tuple(sorted((pod_ip(key), UDP, 81) for key in PODS))
+
+
+def test_rule_ports_are_merged_and_unresolvable_rules_left_out() -> None:
+    state = state_of(
+        network_policy(
+            "p",
+            ingress=[
+                {
+                    "ports": [
+                        {"port": 80},
+                        {"port": 81, "endPort": 90},
+                        {"port": 85},
+                        {"protocol": "UDP"},
+                        {"port": 53, "protocol": "UDP"},
+                    ]
+                },
+                {"ports": [{"port": "no-such-port"}]},
+            ],
+        )
+    )
+    (tier,) = endpoint(state, "x/a").ingress
+    (rule,) = tier.rules
+    assert rule.ports.ranges == (PortRange(TCP, 80, 90), PortRange(UDP, 0, 65535))
+
+
+def test_admin_policies_by_priority_then_name_rules_as_written() -> None:
+    deny = {"action": "Deny", "from": [{"namespaces": {}}]}
+    state = state_of(
+        cluster_policy("late", "Admin", 9, {"namespaces": {}}, ingress=[deny]),
+        cluster_policy("b-early", "Admin", 1, {"namespaces": {}}, ingress=[deny, {**deny, "name": "second"}]),
+        cluster_policy("a-early", "Admin", 1, {"namespaces": {}}, ingress=[deny]),
+        cluster_policy("base", "Baseline", 0, {"namespaces": {}}, ingress=[deny]),
+    )
+    (admin, base) = endpoint(state, "x/a").ingress
+    assert [str(r.origin) for r in admin.rules] == [
+        "admin a-early ingress[0]",
+        "admin b-early ingress[0]",
+        "admin b-early ingress[1] second",
+        "admin late ingress[0]",
+    ]
+    assert (base.kind, base.default) == (TierKind.BASELINE, Outcome.ALLOW)
+
+
+def test_a_cluster_policy_without_rules_for_a_direction_leaves_it_alone() -> None:
+    state = state_of(
+        cluster_policy(
+            "in-only",
+            "Admin",
+            1,
+            {"namespaces": {}},
+            ingress=[{"action": "Deny", "from": [{"namespaces": {}}]}],
+        )
+    )
+    assert endpoint(state, "x/a").egress == ()
+
+
+def test_unsupported_peers_fail_closed() -> None:
+    state = state_of(
+        cluster_policy(
+            "future",
+            "Admin",
+            1,
+            {"namespaces": {}},
+            ingress=[
+                {"action": "Accept", "from": [{"newKind": {}}]},
+                {"action": "Pass", "from": [{"newKind": {}}]},
+            ],
+        )
+    )
+    (rule,) = endpoint(state, "x/a").ingress[0].rules
+    assert (rule.action, rule.peers, rule.ports, rule.origin.index) == (Action.DENY, None, None, 1)
+
+
+def test_problems_name_the_endpoint() -> None:
+    inputs = inputs_of()
+    state = compute_policy(inputs, "node-2", {"x/a": "trl00000000001", "x/gone": "trl00000000002"})
+    assert state.problems == (
+        "pod x/a (trl00000000001) is attached on node-2 but its spec.nodeName is 'node-1'",
+        "pod x/gone (trl00000000002): no pod object yet; its traffic is dropped",
+    )
+    assert list(state.endpoints) == ["trl00000000001"]
+
+
+def test_read_policy_inputs_skips_invalid_objects_and_says_why() -> None:
+    store = {datastore_key(obj): obj for obj in base_objects()}
+    store["/trellis/k8s/networkpolicies/x/bad"] = {
+        "metadata": {"namespace": "x", "name": "bad"},
+        "spec": {"ingress": [{"from": [{}]}]},
+    }
+    store["/trellis/k8s/other/thing"] = {"ignored": True}
+    inputs, errors = read_policy_inputs(store)
+    assert errors == (
+        "/trellis/k8s/networkpolicies/x/bad: NetworkPolicy x/bad: spec.ingress[0].from[0]: "
+        "must specify a peer (podSelector, namespaceSelector or ipBlock)",
+    )
+    assert inputs.network_policies == {} and len(inputs.pods) == len(PODS)
+
+
+def _render(objects: list[dict[str, Any]] | None) -> dict[str, str]:
+    """Each node's rendered table, as text; None is the empty datastore."""
+    if objects is None:
+        return {n: json.dumps(render_table(NAT, compute_policy(PolicyInputs(), n, {}))) for n in NODES}
+    cluster = Cluster(*objects)
+    return {n: json.dumps(render_table(NAT, cluster.oracle.state(n))) for n in NODES}
+
+
+STATES: list[tuple[list[dict[str, Any]], dict[tuple[str, str], bool]]] = [
+    ([], {("y/a", "x/a"): True}),
+    (
+        [network_policy("deny", ingress=[])],
+        {("y/a", "x/a"): False, ("x/b", "x/a"): False, ("x/a", "y/a"): True},
+    ),
+    (
+        [
+            network_policy("deny", ingress=[]),
+            cluster_policy(
+                "y-in",
+                "Admin",
+                1,
+                {"namespaces": match(ns="x")},
+                ingress=[{"action": "Accept", "from": [{"namespaces": match(ns="y")}]}],
+            ),
+        ],
+        {("y/a", "x/a"): True, ("z/a", "x/a"): False},
+    ),
+    (
+        [
+            pod("x/c", labels={"pod": "b"}),
+            network_policy(
+                "b", pod_selector=match(pod="a"), ingress=[{"from": [{"podSelector": match(pod="b")}]}]
+            ),
+        ],
+        {("x/c", "x/a"): True, ("x/b", "x/a"): True, ("y/a", "x/a"): False},
+    ),
+    ([namespace("y", team="t")], {("y/a", "x/a"): True}),
+]
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed", "with-empties", "shuffled"])
+def test_sequences_of_states(order: str) -> None:
+    """Each state gives the same answers and the same tables whatever came before it (Felix's
+    calc-graph tests: sequences reversed, with empty states in between)."""
+    expected = [_render(objects) for objects, _ in STATES]
+    empty = _render(None)
+    sequence: list[int | None] = list(range(len(STATES)))
+    if order == "reversed":
+        sequence.reverse()
+    elif order == "with-empties":
+        sequence = [i for n in sequence for i in (None, n)] + [None]
+    elif order == "shuffled":
+        random.Random(7).shuffle(sequence)
+    for index in sequence:
+        if index is None:
+            assert _render(None) == empty
+            assert all('"ingress"' in text for text in empty.values())
+            continue
+        objects, facts = STATES[index]
+        assert _render(objects) == expected[index]
+        cluster = Cluster(*objects)
+        for (src, dst), allowed in facts.items():
+            assert cluster.allowed(src, dst, 80, TCP) is allowed, (index, src, dst)
+
+
+def test_object_order_does_not_matter() -> None:
+    objects = [
+        *base_objects(),
+        network_policy("a", ingress=[{"from": [{"namespaceSelector": match(ns="y")}]}]),
+        network_policy("b", pod_selector=match(pod="a"), egress=[{"ports": [{"port": "serve-80-tcp"}]}]),
+        cluster_policy(
+            "c", "Admin", 3, {"namespaces": {}}, ingress=[{"action": "Pass", "from": [{"namespaces": {}}]}]
+        ),
+        pod("x/a", ports=[*SERVE_PORTS, {"name": "web", "containerPort": 8080}]),
+    ]
+    items = list({datastore_key(o): o for o in objects}.items())
+    local = [(key, interface(key)) for key in ("x/a", "y/a", "z/a")]
+    states, tables = [], set()
+    for seed in range(4):
+        random.Random(seed).shuffle(items)
+        random.Random(seed).shuffle(local)
+        inputs, _ = read_policy_inputs(dict(items))
+        states.append(compute_policy(inputs, "node-1", dict(local)))
+        tables.add(json.dumps(render_table(NAT, states[-1])))
+    assert all(state == states[0] for state in states) and len(tables) == 1
