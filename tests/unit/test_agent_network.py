@@ -1,4 +1,4 @@
-"""ClusterView: what the syncer delivers, and which changes wake the route reconciler."""
+"""ClusterView: what the syncer delivers, the revision it reflects, and the reconciler's wake-ups."""
 
 from __future__ import annotations
 
@@ -27,15 +27,16 @@ def put(key: str, value: dict[str, object], revision: int = 3) -> Event:
     return Event(EventKind.PUT, key, value, revision)
 
 
-def test_a_pod_allocation_does_not_wake_the_reconciler() -> None:
-    """Every ADD rewrites its block; routes depend on the block's owner only."""
+def test_every_change_wakes_the_reconciler_and_advances_the_revision() -> None:
+    """A pod allocation changes no route but can change policy (a new local endpoint)."""
     view = synced_view()
     allocated = BLOCK.with_allocation(
         ipaddress.IPv4Address("10.244.0.1"), Allocation(Attachment("c", "eth0"), "x/a")
     )
-    view.on_update([put(BLOCK.key, allocated.to_json())])
-    assert not view.changed.is_set()
-    assert view.cluster().blocks == ((BLOCK.cidr, "node-1"),)
+    view.on_update([put(BLOCK.key, allocated.to_json(), revision=7)])
+    assert view.changed.is_set()
+    objects, revision = view.objects()
+    assert revision == 7 and objects[BLOCK.key] == allocated.to_json()
 
 
 @pytest.mark.parametrize(
@@ -61,4 +62,5 @@ def test_routing_changes_wake_the_reconciler(event: Event) -> None:
 def test_node_deletion_reaches_the_cluster() -> None:
     view = synced_view()
     view.on_update([Event(EventKind.DELETE, NODE.key, None, 3)])
-    assert view.cluster().nodes == {}
+    objects, _ = view.objects()
+    assert NODE.key not in objects

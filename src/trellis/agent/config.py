@@ -34,6 +34,9 @@ class AgentConfig:
     """Network backend: vxlan, host-gw, vxlan-cross-subnet or bgp (routes from BIRD; not yet built)."""
     mtu: int = 0
     """Pod interface MTU in bytes; 0 means the uplink's MTU less the backend's overhead."""
+    policy: bool = True
+    """Enforce NetworkPolicy and ClusterNetworkPolicy (pods without a Pod object are dropped);
+    off for runtimes without Kubernetes objects (a plain podman host)."""
     uplink: str = ""
     """Underlay interface; empty means the one holding the default route."""
     vxlan_vni: int = 1

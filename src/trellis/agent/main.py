@@ -9,9 +9,8 @@ from types import FrameType
 
 from trellis.agent.cni_service import CniService
 from trellis.agent.config import AgentConfig
-from trellis.agent.network import NetworkController
+from trellis.agent.network import ROUTED_BACKENDS, NetworkController
 from trellis.agent.server import CniServer
-from trellis.calc.routes import BACKENDS
 from trellis.dataplane.kernel.netlink import SocketPool, find_uplink
 from trellis.dataplane.kernel.pods import PodNetwork
 from trellis.datastore import open_datastore
@@ -37,14 +36,14 @@ def run_agent(config: AgentConfig) -> None:
     service = CniService(config, ipam, PodNetwork(pool), mtu)
     server = CniServer(config.socket, service.handle)
     network: NetworkController | None = None
-    if config.backend not in BACKENDS:
+    if config.backend not in ROUTED_BACKENDS:
         log.error(
             "backend %s cannot route between nodes in this version: pods reach their own node only",
             config.backend,
         )
-    elif uplink is None or uplink.address is None:
+    if uplink is None or uplink.address is None:
         log.error(
-            "no uplink with an IPv4 address (%s): pods reach their own node only",
+            "no uplink with an IPv4 address (%s): no routes to other nodes, no policy, no egress masquerade",
             config.uplink or "default route",
         )
     else:

@@ -26,6 +26,7 @@ def _agent(args: argparse.Namespace) -> int:
         block_prefixlen=args.block_size,
         backend=args.backend,
         mtu=args.mtu,
+        policy=args.policy == "on",
     )
     run_agent(config)
     return 0
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--block-size", type=int, default=26, help="block prefix length (default 26)")
     agent.add_argument("--backend", default="vxlan", choices=sorted(BACKEND_OVERHEAD))
     agent.add_argument("--mtu", type=int, default=0, help="pod MTU (default: uplink MTU less overhead)")
+    agent.add_argument(
+        "--policy",
+        choices=["on", "off"],
+        default="on",
+        help="enforce NetworkPolicy (default on; pods without a Pod object are then dropped)",
+    )
     agent.set_defaults(func=_agent)
 
     inst = sub.add_parser("install-cni", help="install the CNI plugin and conflist for a runtime")
