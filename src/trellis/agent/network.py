@@ -32,7 +32,8 @@ from trellis.calc.cluster import Cluster, parse_cluster
 from trellis.calc.policy import PolicyState, compute_policy, read_policy_inputs
 from trellis.calc.routes import DesiredRoutes, compute_routes
 from trellis.dataplane.kernel import nft
-from trellis.dataplane.kernel.netlink import SocketPool
+from trellis.dataplane.kernel.netlink import KernelError, SocketPool
+from trellis.dataplane.kernel.nft import NftError
 from trellis.dataplane.kernel.overlay import Overlay, VxlanSpec
 from trellis.dataplane.render.nft import NatState, render_table
 from trellis.datastore.base import KV, Conflict, Datastore, DatastoreError, Event, EventKind, LeaseExpired
@@ -53,6 +54,8 @@ resyncs, an unchanged desired state costs no kernel read (pod ADDs wake the reco
 ROUTED_BACKENDS = ("vxlan", "host-gw", "vxlan-cross-subnet")
 """Backends whose routes the agent programs itself (bgp's come from BIRD)."""
 STATUS_FILE = "status.json"
+COALESCE_S = 0.01
+"""After a change, wait this long for the rest of its burst before reconciling (seconds)."""
 
 
 class ClusterView:
@@ -155,7 +158,12 @@ class NetworkController:
                 self.reconcile()
             except DatastoreError as err:
                 log.warning("datastore unavailable, keeping the kernel as it is: %s", err)
-            self.view.changed.wait(timeout=min(RESYNC_S, self.config.node_ttl_s / 3))
+            except (KernelError, NftError, OSError) as err:
+                log.error("programming the kernel failed (retried on the next change or resync): %s", err)
+            if self.view.changed.wait(timeout=min(RESYNC_S, self.config.node_ttl_s / 3)):
+                # Let a burst (a pod ADD writes its block, then its Pod object) land first, and
+                # keep this pass off the CPU while the CNI request that caused it finishes.
+                self._stopping.wait(COALESCE_S)
             self.view.changed.clear()
 
     def _register(self) -> None:

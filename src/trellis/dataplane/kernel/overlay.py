@@ -23,7 +23,14 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from trellis.calc.routes import VXLAN_DEVICE, DesiredRoutes, Route, VxlanPeer
-from trellis.dataplane.kernel.netlink import AF_INET, RTNH_F_ONLINK, SocketPool, kernel_errors, link_index
+from trellis.dataplane.kernel.netlink import (
+    AF_INET,
+    RTNH_F_ONLINK,
+    KernelError,
+    SocketPool,
+    kernel_errors,
+    link_index,
+)
 from trellis.model.naming import ROUTE_PROTOCOL
 
 log = logging.getLogger(__name__)
@@ -61,16 +68,17 @@ class Overlay:
 
     def ensure_vxlan(self, spec: VxlanSpec) -> str:
         """Create or adopt `trl.vxlan` as `spec` says; returns its MAC (kept across restarts)."""
-        with self._pool.lease() as ipr:
+        with self._pool.lease() as ipr, kernel_errors(f"set up {VXLAN_DEVICE}"):
             index = link_index(ipr, VXLAN_DEVICE)
             if index is not None and not self._vxlan_matches(ipr, index, spec):
                 log.info("%s differs from the config: re-creating it", VXLAN_DEVICE)
-                ipr.link("del", index=index)
+                with kernel_errors(f"delete {VXLAN_DEVICE}"):
+                    ipr.link("del", index=index)
                 index = None
             if index is None:
                 dev = link_index(ipr, spec.underlay_dev)
                 if dev is None:
-                    raise NetlinkError(errno.ENODEV, f"underlay device {spec.underlay_dev} not found")
+                    raise KernelError(f"underlay device {spec.underlay_dev}", errno.ENODEV)
                 with kernel_errors(f"create {VXLAN_DEVICE}"):
                     ipr.link(
                         "add",
@@ -114,16 +122,17 @@ class Overlay:
             index = link_index(ipr, VXLAN_DEVICE)
             if index is None:
                 return False
-            ipr.link("del", index=index)
+            with kernel_errors(f"delete {VXLAN_DEVICE}"):
+                ipr.link("del", index=index)
             return True
 
     def apply(self, desired: DesiredRoutes, uplink: str) -> Changes:
         """Make the kernel hold exactly `desired`'s block routes and VXLAN peers."""
-        with self._pool.lease() as ipr:
+        with self._pool.lease() as ipr, kernel_errors("reconcile block routes and VXLAN peers"):
             vxlan = link_index(ipr, VXLAN_DEVICE)
             up = link_index(ipr, uplink)
             if up is None:
-                raise NetlinkError(errno.ENODEV, f"uplink {uplink} not found")
+                raise KernelError(f"uplink {uplink}", errno.ENODEV)
             peers = self._apply_peers(ipr, vxlan, desired.peers) if vxlan is not None else Changes(0, 0)
             routes = self._apply_routes(ipr, desired.routes, vxlan, up)
         return Changes(peers.added + routes.added, peers.removed + routes.removed)

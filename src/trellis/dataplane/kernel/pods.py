@@ -102,15 +102,15 @@ class PodNetwork:
         fd = _open_netns(netns)
         try:
             with self._pool.lease() as ipr:
-                self._remove_link(ipr, host)
                 with kernel_errors(f"veth {host} to {attachment.ifname} in {netns}"):
-                    ipr.link(
-                        "add",
-                        ifname=host,
-                        kind="veth",
-                        mtu=mtu,
-                        peer={"ifname": attachment.ifname, "net_ns_fd": fd, "mtu": mtu},
-                    )
+                    try:
+                        self._add_veth(ipr, host, attachment.ifname, fd, mtu)
+                    except NetlinkError as err:
+                        if err.code != errno.EEXIST:
+                            raise
+                        # A repeated ADD: replace what an earlier one left (same address, from IPAM).
+                        self._remove_link(ipr, host)
+                        self._add_veth(ipr, host, attachment.ifname, fd, mtu)
                 try:
                     return self._configure(ipr, host, attachment, netns, address, mtu)
                 except BaseException:
@@ -120,6 +120,17 @@ class PodNetwork:
             raise KernelError(f"veth {host}", err.code) from None
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _add_veth(ipr: Any, host: str, ifname: str, netns_fd: int, mtu: int) -> None:
+        ipr.link(
+            "add",
+            ifname=host,
+            kind="veth",
+            state="up",  # the host end only: a peer's flags are not taken at creation
+            mtu=mtu,
+            peer={"ifname": ifname, "net_ns_fd": netns_fd, "mtu": mtu},
+        )
 
     def _configure(
         self,
@@ -138,7 +149,6 @@ class PodNetwork:
         host_index, host_mac = host_link
         _write_sysctl(f"ipv4/conf/{host}/proxy_arp", "1")
         _write_sysctl(f"ipv4/neigh/{host}/proxy_delay", "0")
-        ipr.link("set", index=host_index, state="up")
         with _pod_socket(netns) as pod:
             pod_link = _link_index_mac(pod, attachment.ifname)
             if pod_link is None:
