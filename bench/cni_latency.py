@@ -305,8 +305,7 @@ def render(result: dict[str, Any]) -> None:
     ratio: dict[str, dict[str, float]] = result["ratio"]
     console = Console()
     table = _table(
-        f"CNI latency, ms ({result['count']} pods each; "
-        f"target: ratio p50 <= {TARGET_RATIO})",
+        f"CNI latency, ms ({result['count']} pods each; target: ratio p50 <= {TARGET_RATIO})",
         ["", "trellis p50", "p90", "reference p50", "p90", "ratio p50", "p90", "target"],
     )
     for command in ("ADD", "DEL"):
