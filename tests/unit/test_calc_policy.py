@@ -240,6 +240,14 @@ def test_problems_name_the_endpoint() -> None:
     assert list(state.endpoints) == ["trl00000000001"]
 
 
+def test_a_workload_attached_without_kubernetes_is_open_even_under_default_deny() -> None:
+    """No namespace, no labels: no policy can select it, so it is not isolated (nor dropped)."""
+    inputs = inputs_of(network_policy("deny-all", "x", {}, ingress=[], types=["Ingress", "Egress"]))
+    state = compute_policy(inputs, "node-1", {"c0ffee123456": "trl00000000003"})
+    assert state.endpoints["trl00000000003"].ingress == () == state.endpoints["trl00000000003"].egress
+    assert state.problems == ()
+
+
 def test_read_policy_inputs_skips_invalid_objects_and_says_why() -> None:
     store = {datastore_key(obj): obj for obj in base_objects()}
     store["/trellis/k8s/networkpolicies/x/bad"] = {

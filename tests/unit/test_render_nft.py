@@ -168,6 +168,7 @@ def test_unrestricted_pods_are_known_but_in_no_map() -> None:
     }
     assert [c["chain"]["name"] for c in added if "chain" in c] == [
         "postrouting",
+        "prerouting",
         FORWARD,
         f"ingress_{interface('x/a')}_networkpolicy",
     ]
@@ -176,8 +177,31 @@ def test_unrestricted_pods_are_known_but_in_no_map() -> None:
 def test_empty_sets_render_without_elements() -> None:
     commands = render_table(NatState(frozenset(), frozenset()))
     sets = [c["add"]["set"] for c in commands if "set" in c.get("add", {})]
-    assert [s["name"] for s in sets] == ["pod_nets", "cluster_nets"]
-    assert all("elem" not in s for s in sets)
+    assert [s["name"] for s in sets] == ["pod_nets", "cluster_nets", "pod_ifnames", "pod_sources"]
+    assert all("elem" not in s for s in sets if s["name"] != "pod_ifnames")
+
+
+def test_anti_spoofing_allows_each_pod_interface_its_own_address_only() -> None:
+    """Policy or not, the prerouting chain drops a pod's IPv4 sent from any other source."""
+    sources = frozenset({("trl0123456789a", ipaddress.IPv4Address("10.244.0.5"))})
+    commands = render_table(NatState(frozenset(), frozenset(), pod_sources=sources))
+    added = [c["add"] for c in commands if "add" in c]
+    (pod_sources,) = [a["set"] for a in added if a.get("set", {}).get("name") == "pod_sources"]
+    assert pod_sources["type"] == ["ifname", "ipv4_addr"]
+    assert pod_sources["elem"] == [{"concat": ["trl0123456789a", "10.244.0.5"]}]
+    (chain,) = [a["chain"] for a in added if a.get("chain", {}).get("name") == "prerouting"]
+    assert (chain["hook"], chain["prio"]) == ("prerouting", -300)
+    (rule,) = [a["rule"] for a in added if a.get("rule", {}).get("chain") == "prerouting"]
+    assert rule["expr"][-1] == {"drop": None}
+    assert {
+        "match": {
+            "op": "!=",
+            "left": {
+                "concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ip", "field": "saddr"}}]
+            },
+            "right": "@pod_sources",
+        }
+    } in rule["expr"]
 
 
 def test_table_is_replaced_whole_in_one_batch() -> None:

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,13 @@ ROUTED_BACKENDS = ("vxlan", "host-gw", "vxlan-cross-subnet")
 STATUS_FILE = "status.json"
 COALESCE_S = 0.01
 """After a change, wait this long for the rest of its burst before reconciling (seconds)."""
+
+
+@dataclass(frozen=True)
+class LocalEndpoint:
+    pod: str
+    interface: str
+    address: ipaddress.IPv4Address
 
 
 class ClusterView:
@@ -221,30 +229,40 @@ class NetworkController:
                         len(desired.peers),
                     )
             self._report_problems("routes", desired.problems)
-        policy = self._policy(objects) if self.config.policy else None
-        self._apply_table(cluster, policy, force=resync)
+        local = self._local_endpoints(objects)
+        policy = self._policy(objects, local) if self.config.policy else None
+        self._apply_table(cluster, local, policy, force=resync)
         if resync:
             self._last_full = self.clock()
         self._release_dead_blocks(cluster)
         self._publish(revision, policy)
 
-    def _policy(self, objects: dict[str, dict[str, Any]]) -> PolicyState:
+    def _local_endpoints(self, objects: dict[str, dict[str, Any]]) -> list[LocalEndpoint]:
+        """Every pod attached on this node, from its blocks' allocations."""
+        return [
+            LocalEndpoint(allocation.pod, host_veth_name(allocation.attachment), address)
+            for key, value in objects.items()
+            if key.startswith(BLOCK_PREFIX) and value.get("node") == self.config.node
+            for address, allocation in Block.from_json(value).allocations.items()
+            if not allocation.attachment.internal
+        ]
+
+    def _policy(self, objects: dict[str, dict[str, Any]], local: list[LocalEndpoint]) -> PolicyState:
         inputs, errors = read_policy_inputs(objects)
         self._report_problems("policy objects", errors)
-        local: dict[str, str] = {}
-        for key, value in objects.items():
-            if key.startswith(BLOCK_PREFIX) and value.get("node") == self.config.node:
-                for allocation in Block.from_json(value).allocations.values():
-                    if not allocation.attachment.internal:
-                        local[allocation.pod] = host_veth_name(allocation.attachment)
-        state = compute_policy(inputs, self.config.node, local)
+        state = compute_policy(inputs, self.config.node, {e.pod: e.interface for e in local})
         self._report_problems("endpoints", state.problems)
         return state
 
-    def _apply_table(self, cluster: Cluster, policy: PolicyState | None, force: bool) -> None:
+    def _apply_table(
+        self, cluster: Cluster, local: list[LocalEndpoint], policy: PolicyState | None, force: bool
+    ) -> None:
         nodes = frozenset(ipaddress.IPv4Network(f"{n.underlay.ip}/32") for n in cluster.nodes.values())
         pools = frozenset(self.config.pools)
-        commands = render_table(NatState(pod_nets=pools, cluster_nets=pools | nodes), policy)
+        sources = frozenset((e.interface, e.address) for e in local)
+        commands = render_table(
+            NatState(pod_nets=pools, cluster_nets=pools | nodes, pod_sources=sources), policy
+        )
         if force or commands != self._last_table:
             nft.apply(commands)
             if commands != self._last_table:

@@ -407,7 +407,10 @@ def _program(
 
 
 def compute_policy(inputs: PolicyInputs, node: str, local_endpoints: Mapping[str, str]) -> PolicyState:
-    """The policy of every pod attached on `node`, given as pod key -> host interface name."""
+    """The policy of every pod attached on `node`, given as pod key -> host interface name.
+
+    A key without a namespace (`ns/name`) is a workload attached without Kubernetes: open.
+    """
     sets = _Sets(inputs)
     cluster_policies: dict[ClusterTier, list[ClusterNetworkPolicy]] = {tier: [] for tier in ClusterTier}
     for policy in sorted(inputs.cluster_network_policies.values(), key=lambda c: (c.priority, c.name)):
@@ -415,6 +418,11 @@ def compute_policy(inputs: PolicyInputs, node: str, local_endpoints: Mapping[str
     endpoints: dict[str, EndpointPolicy] = {}
     problems: list[str] = []
     for key, interface in sorted(local_endpoints.items()):
+        if "/" not in key:
+            # A workload its runtime attached without Kubernetes arguments (podman, say): it has
+            # no namespace and no labels, so no policy can select it, and it is not isolated.
+            endpoints[interface] = EndpointPolicy(key, ingress=(), egress=())
+            continue
         pod = inputs.pods.get(key)
         if pod is None:
             problems.append(f"pod {key} ({interface}): no pod object yet; its traffic is dropped")

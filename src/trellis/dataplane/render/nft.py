@@ -7,6 +7,10 @@ Trellis filters or rewrites lives in this table and nowhere else.
 Egress: pod traffic leaving for anything outside the cluster (pools and node addresses) is
 masqueraded to the node's address; pod-to-pod and pod-to-node traffic keeps its source.
 
+Anti-spoofing: a pod sends only from its own address. A `prerouting` filter chain at raw
+priority drops IPv4 from a pod interface whose (interface, source) pair is not in the
+`pod_sources` set, before conntrack or routing sees it.
+
 Policy (when a `PolicyState` is given; docs/design/policy.md): a `forward` filter chain lets
 replies of allowed connections through by conntrack, then jumps, through verdict maps keyed by
 interface name, to the sending pod's egress chain and to the receiving pod's ingress chain, so
@@ -37,6 +41,9 @@ POD_IFNAMES = "pod_ifnames"
 """Set of the name patterns of every pod host interface, known or not: `trl` and a hex digit
 (`trl` + 11 hex, while the node's own `trl-eth0` and `trl.vxlan` never match)."""
 POD_IFNAME_PATTERNS = tuple(f"{PREFIX}{digit}*" for digit in "0123456789abcdef")
+POD_SOURCES = "pod_sources"
+"""Set of (host interface . address) of the local pods, for anti-spoofing."""
+PREROUTING = "prerouting"
 MAPS = {Direction.EGRESS: "egress", Direction.INGRESS: "ingress"}
 """Verdict map per direction: host interface -> jump to that pod's first tier chain."""
 COMMENT_MAX = 128
@@ -49,6 +56,8 @@ class NatState:
     """The pools pods take addresses from."""
     cluster_nets: frozenset[ipaddress.IPv4Network]
     """Destinations that keep the pod's source: the pools and every node's address."""
+    pod_sources: frozenset[tuple[str, ipaddress.IPv4Address]] = frozenset()
+    """(host interface, address) of every local pod: the only sources its interface may send."""
 
 
 def _in_table(**body: Any) -> dict[str, Any]:
@@ -77,7 +86,7 @@ def _set(name: str, nets: Iterable[ipaddress.IPv4Network]) -> dict[str, Any]:
 def render_table(nat: NatState, policy: PolicyState | None = None) -> list[dict[str, Any]]:
     """The commands that replace the table: pass as {"nftables": [...]}.
 
-    `policy` None leaves the filter part out (policy not enabled): nothing is filtered.
+    `policy` None leaves the policy part out (policy not enabled); anti-spoofing stays.
     """
     table = {"family": FAMILY, "name": TABLE}
     chain = {
@@ -121,7 +130,32 @@ def render_table(nat: NatState, policy: PolicyState | None = None) -> list[dict[
         {"add": _set("cluster_nets", nat.cluster_nets)},
         {"add": {"chain": chain}},
         {"add": {"rule": masquerade}},
+        *_render_antispoofing(nat.pod_sources),
         *(_render_policy(policy) if policy is not None else []),
+    ]
+
+
+def _render_antispoofing(sources: frozenset[tuple[str, ipaddress.IPv4Address]]) -> list[dict[str, Any]]:
+    pairs = [{"concat": [interface, str(address)]} for interface, address in sorted(sources)]
+    iifname = {"meta": {"key": "iifname"}}
+    saddr = {"payload": {"protocol": "ip", "field": "saddr"}}
+    return [
+        {"add": _named("set", POD_IFNAMES, list(POD_IFNAME_PATTERNS), type="ifname", flags=["interval"])},
+        {"add": _named("set", POD_SOURCES, pairs, type=["ifname", "ipv4_addr"])},
+        {
+            "add": {
+                "chain": _in_table(
+                    name=PREROUTING, type="filter", hook="prerouting", prio=-300, policy="accept"
+                )
+            }
+        },
+        _rule(
+            PREROUTING,
+            "anti-spoofing: a pod sends only from its own address",
+            _match(iifname, f"@{POD_IFNAMES}"),
+            _match({"concat": [iifname, saddr]}, f"@{POD_SOURCES}", "!="),
+            _DROP,
+        ),
     ]
 
 
@@ -215,7 +249,6 @@ def _forward_rules() -> Iterator[dict[str, Any]]:
 
 def _render_policy(policy: PolicyState) -> list[dict[str, Any]]:
     sets: list[dict[str, Any]] = [
-        _named("set", POD_IFNAMES, list(POD_IFNAME_PATTERNS), type="ifname", flags=["interval"]),
         _named("set", ENDPOINTS, sorted(policy.endpoints), type="ifname"),
         *(_set(s.name, s.networks) for s in policy.address_sets.values()),
         *(
