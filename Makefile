@@ -3,10 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := iproute2 nftables iptables iputils-ping iperf3 conntrack containernetworking-plugins procps etcd-server
+APT_PACKAGES := iproute2 nftables iptables iputils-ping iperf3 conntrack containernetworking-plugins procps etcd-server bird2 frr
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit bench clean
+.PHONY: setup demo test lint unit bench fuzz clean
 
 setup: $(STAMP)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -32,6 +32,9 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest -q -ra
+
+fuzz: setup
+	TRELLIS_FUZZ_EXAMPLES=$${TRELLIS_FUZZ_EXAMPLES:-5000} $(BIN)/pytest -q tests/privileged/test_fuzz.py
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
