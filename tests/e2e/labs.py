@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import wait_until
 from trellis.lab.process import ProcessRef
+from trellis.model.node import STATUS_FILE
 
 TRELLIS = Path(sys.executable).with_name("trellis")
 LAB_ROOT = Path("/run/trellis/lab")
@@ -51,11 +53,13 @@ class Lab:
         self.processes: set[ProcessRef] = set()
         """Every process the lab reported (agents, etcd, supervisor, servers): none may outlive `down`."""
 
-    def run(self, command: str, *args: str, check: bool = True, stdin: str | None = None) -> str:
-        """`trellis lab COMMAND --name LAB ARGS`; its stdout, or `CODE\\nSTDERR` when not `check`ed."""
+    def run(
+        self, command: str, *args: str, check: bool = True, stdin: str | None = None, group: str = "lab"
+    ) -> str:
+        """`trellis GROUP COMMAND --name LAB ARGS`; its stdout, or `CODE\\nSTDERR` when not `check`ed."""
         words = command.split()
         proc = subprocess.run(
-            [str(TRELLIS), "lab", *words, "--name", self.name, *args],
+            [str(TRELLIS), group, *words, "--name", self.name, *args],
             input=stdin,
             capture_output=True,
             text=True,
@@ -66,10 +70,29 @@ class Lab:
             raise AssertionError(f"lab {command} {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
         return proc.stdout if check else f"{proc.returncode}\n{proc.stderr}"
 
-    def apply(self, manifest: str, command: str = "apply") -> str:
+    def file(self, manifest: str) -> str:
+        """A new file holding `manifest`."""
         path = self.tmp_path / f"{secrets.token_hex(4)}.yaml"
         path.write_text(manifest)
-        return self.run(command, "-f", str(path))
+        return str(path)
+
+    def apply(self, manifest: str, command: str = "apply") -> str:
+        return self.run(command, "-f", self.file(manifest))
+
+    def policy(self, command: str, *args: str) -> Any:
+        """`trellis policy COMMAND --name LAB ARGS --output json`, parsed."""
+        return json.loads(self.run(command, *args, "--output", "json", group="policy"))
+
+    def programmed(self, revision: int, timeout_s: float = 10.0) -> None:
+        """Wait until every node's agent reports that its kernel reflects datastore revision `revision`."""
+
+        def reported() -> list[int]:
+            paths = (LAB_ROOT / self.name / "nodes").glob(f"*/{STATUS_FILE}")
+            return [json.loads(path.read_text())["revision"] for path in paths]
+
+        wait_until(
+            lambda: min(reported()) >= revision, timeout_s, f"every agent to program revision {revision}"
+        )
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = json.loads(self.run("status", "--output", "json"))

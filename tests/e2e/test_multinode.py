@@ -209,7 +209,7 @@ def test_a_bgp_lab_starts_and_warns_that_cross_node_routing_is_not_built(tmp_pat
     try:
         out = lab.run("up", "--nodes", "2", "--backend", "bgp")
         assert "warning: backend bgp: agents start, but cross-node routing is not built yet" in out
-        lab.apply(pods_manifest({"p1": "node-1", "p2": "node-1"}))  # nothing to wait for
+        lab.apply(pods_manifest({"p1": "node-1", "p2": "node-1"}))
         matrix = lab.probe("--port", "80", "--protocol", "TCP")["matrix"]
         assert matrix["default/p1"]["default/p2"] is True
     finally:
@@ -217,7 +217,7 @@ def test_a_bgp_lab_starts_and_warns_that_cross_node_routing_is_not_built(tmp_pat
 
 
 def test_apply_names_the_node_that_did_not_program_a_new_pod(tmp_path: Path) -> None:
-    """host-gw: a node claims its first block with its first pod (with VXLAN, for its tunnel address)."""
+    """A stopped agent reports no newer revision: `apply` names its node, `--no-wait` does not wait."""
     with built(tmp_path, "--nodes", "2", "--backend", "host-gw") as lab:
         stuck = lab.node("node-2")["agent_pid"]
         os.kill(stuck, signal.SIGSTOP)
@@ -225,7 +225,7 @@ def test_apply_names_the_node_that_did_not_program_a_new_pod(tmp_path: Path) -> 
             path = tmp_path / "p1.yaml"
             path.write_text(pods_manifest({"p1": "node-1"}))
             code, stderr = lab.run("apply", "-f", str(path), check=False).split("\n", 1)
-            assert code == "1" and "node-2 did not converge: it has no route to pod default/p1" in stderr
+            assert code == "1" and "node-2 did not converge: its agent reports revision" in stderr
             path.write_text(pods_manifest({"p2": "node-1"}))
             assert "created" in lab.run("apply", "--no-wait", "-f", str(path))
         finally:

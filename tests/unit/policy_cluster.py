@@ -138,6 +138,32 @@ def cluster_policy(
     return {"kind": "ClusterNetworkPolicy", "metadata": {"name": name}, "spec": spec}
 
 
+ALL_NAMESPACES: dict[str, Any] = {"namespaces": {}}
+"""A ClusterNetworkPolicy subject or peer: every pod of every namespace."""
+NS_X: dict[str, Any] = {"namespaces": match(ns="x")}
+FROM_Y: dict[str, Any] = {"namespaces": match(ns="y")}
+
+
+def admin(name: str, priority: int, subject: dict[str, Any], **rules: list[dict[str, Any]]) -> dict[str, Any]:
+    return cluster_policy(name, "Admin", priority, subject, rules.get("ingress"), rules.get("egress"))
+
+
+def baseline(
+    name: str, priority: int, subject: dict[str, Any], **rules: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return cluster_policy(name, "Baseline", priority, subject, rules.get("ingress"), rules.get("egress"))
+
+
+def from_(action: str, *peers: dict[str, Any], name: str = "", **extra: Any) -> dict[str, Any]:
+    """A ClusterNetworkPolicy ingress rule."""
+    return {"action": action, "from": list(peers), **({"name": name} if name else {}), **extra}
+
+
+def to(action: str, *peers: dict[str, Any], name: str = "", **extra: Any) -> dict[str, Any]:
+    """A ClusterNetworkPolicy egress rule."""
+    return {"action": action, "to": list(peers), **({"name": name} if name else {}), **extra}
+
+
 _PREFIXES = {
     "Namespace": NAMESPACE_PREFIX,
     "Pod": POD_PREFIX,

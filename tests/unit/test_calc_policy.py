@@ -147,6 +147,24 @@ def test_ingress_named_ports_resolve_on_the_endpoint_itself() -> None:
     assert state.port_sets == {}
 
 
+def test_pods_alike_share_their_tiers() -> None:
+    """Replicas (same namespace, labels and ports) get the very same tiers, computed once; a pod
+    whose named port means another number gets its own ingress tier, and shares its egress."""
+    web = network_policy("web", ingress=[{"ports": [{"port": "web"}]}], egress=[{"ports": [{"port": 53}]}])
+    replica, other = "x/a2", "x/a3"
+    state = state_of(
+        pod("x/a", ports=[{"name": "web", "containerPort": 8080}]),
+        pod(replica, {"pod": "a"}, [{"name": "web", "containerPort": 8080}], ip="10.244.1.20"),
+        pod(other, {"pod": "a"}, [{"name": "web", "containerPort": 9090}], ip="10.244.1.21"),
+        web,
+        pods=(*PODS, replica, other),
+    )
+    a, twin, unlike = (endpoint(state, key) for key in ("x/a", replica, other))
+    assert a.ingress[0] is twin.ingress[0] and a.egress[0] is twin.egress[0]
+    assert unlike.ingress[0].rules[0].ports.ranges == (PortRange(TCP, 9090, 9090),)
+    assert unlike.ingress[0] is not a.ingress[0] and unlike.egress[0] is a.egress[0]
+
+
 def test_egress_named_ports_become_one_set_per_name() -> None:
     state = state_of(
         network_policy(

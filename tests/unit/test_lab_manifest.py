@@ -11,6 +11,7 @@ from trellis.lab.manifest import (
     ManifestError,
     NamespaceObject,
     PodObject,
+    PolicyObject,
     parse,
 )
 
@@ -80,7 +81,8 @@ POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
     [
         (
             POD + "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
-            "m.yaml: document 2: kind 'Deployment' is not supported by the lab (supported: Namespace, Pod)",
+            "m.yaml: document 2: kind 'Deployment' is not supported by the lab "
+            "(supported: Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy)",
         ),
         ("kind: Pod\nmetadata: {name: p\n", "m.yaml: invalid YAML at line 3, column 1"),
         ("- just\n- a list\n", "m.yaml: document 1: not a mapping"),
@@ -117,6 +119,76 @@ POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
     ],
 )
 def test_refuses_with_one_line_naming_file_document_and_field(text: str, message: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse(text, "m.yaml")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+POLICIES = """\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny}
+spec: {podSelector: {}, ingress: []}
+---
+apiVersion: policy.networking.k8s.io/v1beta1
+kind: ClusterNetworkPolicy
+metadata: {name: no-y, namespace: ignored, labels: {team: sec}}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {}}
+  ingress: [{action: Deny, from: [{namespaces: {matchLabels: {ns: y}}}]}]
+"""
+
+
+def test_reads_policies_as_written_and_keys_them_as_the_datastore_does() -> None:
+    network, cluster = parse(POLICIES, "p.yaml")
+    assert isinstance(network, PolicyObject) and isinstance(cluster, PolicyObject)
+    assert (str(network), network.datastore_key) == (
+        "networkpolicy/default/deny",
+        "/trellis/k8s/networkpolicies/default/deny",
+    )
+    assert network.body == {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "deny", "namespace": "default"},
+        "spec": {"podSelector": {}, "ingress": []},
+    }
+    assert (str(cluster), cluster.datastore_key) == (
+        "clusternetworkpolicy/no-y",
+        "/trellis/k8s/clusternetworkpolicies/no-y",
+    )
+    assert cluster.body["metadata"] == {"name": "no-y", "labels": {"team": "sec"}}, "cluster-scoped"
+
+
+NP = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n"
+CNP = "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: c}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            POD + "---\n" + NP + "spec: {podSelector: {}, ingress: [{from: [{}]}]}\n",
+            "m.yaml: document 2: NetworkPolicy x/p: spec.ingress[0].from[0]: must specify a peer",
+        ),
+        (NP, "m.yaml: document 1: NetworkPolicy x/p: spec: required"),
+        (
+            NP + "spec: {podSelector: {}, policyTypes: [Sideways]}\n",
+            "document 1: NetworkPolicy x/p: spec.policyTypes[0]: 'Sideways' is not one of Ingress, Egress",
+        ),
+        (
+            CNP + "spec: {tier: Admin, priority: 1001, subject: {namespaces: {}}}\n",
+            "document 1: ClusterNetworkPolicy c: spec.priority: 1001 is not in 0..1000",
+        ),
+        (
+            "apiVersion: networking.k8s.io/v1beta1\nkind: NetworkPolicy\nmetadata: {name: p}\n",
+            "NetworkPolicy needs apiVersion networking.k8s.io/v1, got 'networking.k8s.io/v1beta1'",
+        ),
+    ],
+)
+def test_refuses_invalid_policies_naming_document_kind_name_and_field(text: str, message: str) -> None:
     with pytest.raises(ManifestError) as caught:
         parse(text, "m.yaml")
     assert message in str(caught.value)

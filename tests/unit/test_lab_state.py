@@ -12,6 +12,7 @@ from trellis.lab.errors import LabError, LabNotFound
 from trellis.lab.manifest import ContainerPort
 from trellis.lab.process import ProcessRef
 from trellis.lab.state import (
+    PROBE_SOURCE_PORTS,
     LabPaths,
     LabState,
     Pod,
@@ -28,6 +29,7 @@ from trellis.lab.state import (
     plan_node,
     plan_nodes,
     save,
+    take_source_ports,
 )
 
 UNDERLAY = [ipaddress.IPv4Network("172.31.0.0/24")]
@@ -129,7 +131,20 @@ def test_state_round_trips_through_json() -> None:
     state.external_server = ProcessRef(8, 88)
     state.next_node = 3
     state.retired.append(state.nodes.pop())
+    state.api_revision = 12
     assert LabState.from_json(state.to_json()) == state
+
+
+def test_probes_take_udp_source_ports_in_turn_and_wrap_around(tmp_path: Path) -> None:
+    paths = LabPaths("l", tmp_path)
+    paths.dir.mkdir()
+    first = PROBE_SOURCE_PORTS.start
+    assert [take_source_ports(paths, 16) for _ in range(3)] == [first, first + 16, first + 32]
+    left = PROBE_SOURCE_PORTS.stop - (first + 48)
+    assert take_source_ports(paths, left) == first + 48
+    assert take_source_ports(paths, 1) == first, "past the range's end it starts again"
+    with pytest.raises(LabError, match="more source ports than there are"):
+        take_source_ports(paths, len(PROBE_SOURCE_PORTS) + 1)
 
 
 def test_a_new_lab_is_saved_and_a_second_one_of_that_name_refused(tmp_path: Path) -> None:

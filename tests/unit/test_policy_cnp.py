@@ -8,51 +8,35 @@ agree with the oracle on every pod pair, port and protocol.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
 import pytest
 
 from tests.unit.policy_cluster import (
+    ALL_NAMESPACES,
+    FROM_Y,
+    NS_X,
     PODS,
     PORTS,
     SERVE_PORTS,
     Cluster,
-    cluster_policy,
+    admin,
+    baseline,
+    from_,
     match,
     network_policy,
     node_ip,
     pod,
+    to,
 )
 from trellis.calc.policy import TierKind
 from trellis.model.k8s import Protocol
 
 TCP, UDP = Protocol.TCP, Protocol.UDP
-ALL_NAMESPACES: dict[str, Any] = {"namespaces": {}}
-NS_X: dict[str, Any] = {"namespaces": match(ns="x")}
-FROM_Y: dict[str, Any] = {"namespaces": match(ns="y")}
 EXTERNAL = [
     ipaddress.IPv4Address("8.8.8.8"),
     ipaddress.IPv4Address("1.1.1.1"),
     *map(node_ip, ("node-1", "node-2")),
 ]
-
-
-def admin(name: str, priority: int, subject: dict[str, Any], **rules: list[dict[str, Any]]) -> dict[str, Any]:
-    return cluster_policy(name, "Admin", priority, subject, rules.get("ingress"), rules.get("egress"))
-
-
-def baseline(
-    name: str, priority: int, subject: dict[str, Any], **rules: list[dict[str, Any]]
-) -> dict[str, Any]:
-    return cluster_policy(name, "Baseline", priority, subject, rules.get("ingress"), rules.get("egress"))
-
-
-def from_(action: str, *peers: dict[str, Any], name: str = "", **extra: Any) -> dict[str, Any]:
-    return {"action": action, "from": list(peers), **({"name": name} if name else {}), **extra}
-
-
-def to(action: str, *peers: dict[str, Any], name: str = "", **extra: Any) -> dict[str, Any]:
-    return {"action": action, "to": list(peers), **({"name": name} if name else {}), **extra}
 
 
 def decided(

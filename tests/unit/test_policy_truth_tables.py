@@ -5,7 +5,11 @@ reachability for TCP and UDP on ports 80 and 81, built as upstream's `Reachabili
 start from all-allowed, deny what the policy isolates, allow what its rules let in. The
 expectations come from the Kubernetes documentation and API comments, never from the
 calculation; the oracle must produce them, and the rendered nftables of every node, walked
-packet by packet, must agree with the oracle on every pair.
+packet by packet, must agree with the oracle on every pair. The last scenarios add
+ClusterNetworkPolicy tiers (the network-policy-api's words) to the same shape.
+
+`tests/e2e/test_policy.py` runs these very scenarios in a lab and compares real packets with
+the same expected matrices.
 """
 
 from __future__ import annotations
@@ -17,15 +21,22 @@ from typing import Any
 import pytest
 
 from tests.unit.policy_cluster import (
+    ALL_NAMESPACES,
+    FROM_Y,
+    NS_X,
     PODS,
     PORTS,
     Cluster,
+    admin,
+    baseline,
     expression,
+    from_,
     match,
     namespace,
     network_policy,
     pod,
     show,
+    to,
 )
 from trellis.model.k8s import Protocol
 
@@ -88,6 +99,7 @@ def on(port: int, protocol: Protocol, *allowed: tuple[int, Protocol]) -> bool:
 
 
 A = pods("x/a")
+Y_BUT_B = {"namespaceSelector": match(ns="y"), "podSelector": expression("pod", "NotIn", "b")}
 ALL_PORTS = [(p, proto) for p, proto in PORTS]
 
 
@@ -436,6 +448,91 @@ SCENARIOS = [
         "egress-port-range-and-named-port",
         egress_a({"ports": [{"port": 79, "endPort": 80}, {"port": "serve-81-udp", "protocol": "UDP"}]}),
         expect=lambda port, proto: egress_only(A, every if on(port, proto, (80, TCP), (81, UDP)) else nobody),
+    ),
+    scenario(
+        "admin-deny-over-networkpolicy-allow",
+        network_policy("allow-all", ingress=[{}]),
+        admin("no-y", 10, NS_X, ingress=[from_("Deny", FROM_Y, name="deny-y")]),
+        expect=always(Expect().set(ns("y"), ns("x"), False)),
+    ),
+    scenario(
+        "admin-accept-over-networkpolicy-deny",
+        network_policy("deny", ingress=[]),
+        admin("let-y-in", 10, NS_X, ingress=[from_("Accept", FROM_Y)]),
+        expect=always(ingress_only(ns("x"), ns("y"))),
+    ),
+    scenario(
+        "admin-pass-to-networkpolicy",
+        admin("pass-y", 1, NS_X, ingress=[from_("Pass", FROM_Y)]),
+        admin("deny-all", 2, NS_X, ingress=[from_("Deny", ALL_NAMESPACES)]),
+        network_policy(
+            "y-b", ingress=[{"from": [{"namespaceSelector": match(ns="y"), "podSelector": match(pod="b")}]}]
+        ),
+        expect=always(ingress_only(ns("x"), pods("y/b"))),
+    ),
+    scenario(
+        "admin-pass-skips-to-baseline",
+        admin("pass-y", 1, NS_X, ingress=[from_("Pass", FROM_Y)]),
+        admin("deny-y-z", 2, NS_X, ingress=[from_("Deny", {"namespaces": expression("ns", "In", "y", "z")})]),
+        baseline("y-b-only", 1, NS_X, ingress=[from_("Deny", {"pods": Y_BUT_B})]),
+        expect=always(Expect().set(ns("y", "z"), ns("x"), False).allow(pods("y/b"), ns("x"))),
+    ),
+    scenario(
+        "baseline-only-where-no-networkpolicy-selects",
+        baseline("deny-all", 1, ALL_NAMESPACES, ingress=[from_("Deny", ALL_NAMESPACES)]),
+        network_policy("allow-all", ingress=[{}]),
+        expect=always(ingress_only(ns("y", "z"))),
+    ),
+    scenario(
+        "baseline-egress-where-networkpolicy-isolates-ingress-only",
+        network_policy("in-only", ingress=[{}]),
+        baseline("no-egress-to-y", 1, NS_X, egress=[to("Deny", {"namespaces": match(ns="y")})]),
+        expect=always(Expect().set(ns("x"), ns("y"), False)),
+    ),
+    scenario(
+        "admin-egress-deny-within-networkpolicy-allow",
+        admin("no-z", 1, NS_X, egress=[to("Deny", {"namespaces": match(ns="z")})]),
+        network_policy("out", egress=[{}], types=["Egress"]),
+        expect=always(Expect().set(ns("x"), ns("z"), False)),
+    ),
+    scenario(
+        "admin-deny-named-port",
+        admin(
+            "no-81",
+            1,
+            NS_X,
+            ingress=[from_("Deny", ALL_NAMESPACES, protocols=[{"destinationNamedPort": "serve-81-tcp"}])],
+        ),
+        expect=lambda port, proto: Expect().set(every, ns("x"), not on(port, proto, (81, TCP))),
+    ),
+    scenario(
+        "admin-deny-port-range-and-number",
+        admin(
+            "ports",
+            1,
+            NS_X,
+            ingress=[
+                from_(
+                    "Deny",
+                    ALL_NAMESPACES,
+                    protocols=[
+                        {"tcp": {"destinationPort": {"range": {"start": 80, "end": 81}}}},
+                        {"udp": {"destinationPort": {"number": 81}}},
+                    ],
+                )
+            ],
+        ),
+        expect=lambda port, proto: Expect().set(every, ns("x"), on(port, proto, (80, UDP))),
+    ),
+    scenario(
+        "admin-pods-subject",
+        admin(
+            "a-only",
+            1,
+            {"pods": {"namespaceSelector": match(ns="x"), "podSelector": match(pod="a")}},
+            ingress=[from_("Deny", ALL_NAMESPACES)],
+        ),
+        expect=always(ingress_only(A)),
     ),
 ]
 

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 from tests.unit.policy_cluster import (
     NAT,
@@ -129,6 +130,43 @@ def test_tiered_policy_table_matches_golden() -> None:
             network_policy("x-only", ingress=[{"from": [{"podSelector": {}}]}]),
         ),
     )
+
+
+def test_port_ranges_match_without_inline_sets() -> None:
+    """One range is matched directly; equal lists of several share one named set. Never an inline
+    set: each is a kernel object of its own, and thousands of them make a transaction take seconds."""
+    several = [{"port": 80}, {"port": 8000, "endPort": 8080}]
+    commands = policy_table(
+        network_policy("one", ingress=[{"ports": [{"port": 53, "protocol": "UDP"}]}]),
+        network_policy("two", ingress=[{"ports": several}]),
+        network_policy("three", namespace="y", ingress=[{"ports": several}]),
+    )
+    rules = _filter_rules(commands)
+    assert '{"set":' not in json.dumps(rules)
+    sets = [
+        c["add"]["set"]
+        for c in commands
+        if c.get("add", {}).get("set", {}).get("name", "").startswith("ports_")
+    ]
+    assert [(s["type"], s["flags"], s["elem"]) for s in sets] == [
+        (
+            ["inet_proto", "inet_service"],
+            ["interval"],
+            [{"concat": [6, 80]}, {"concat": [6, {"range": [8000, 8080]}]}],
+        )
+    ]
+    named = [
+        r for r in rules if {"match": {"op": "==", "left": ANY, "right": f"@{sets[0]['name']}"}} in r["expr"]
+    ]
+    assert {r["comment"] for r in named} == {
+        "networkpolicy x/two ingress[0]: Accept",
+        "networkpolicy y/three ingress[0]: Accept",
+    }
+    (direct,) = [r for r in rules if r["comment"] == "networkpolicy x/one ingress[0]: Accept"]
+    assert direct["expr"][:2] == [
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": 17}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 53}},
+    ]
 
 
 def _filter_rules(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:

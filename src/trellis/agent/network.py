@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from trellis.agent.config import AgentConfig
+from trellis.bgp.bird import Bird, BirdError
+from trellis.calc.bgp import compute_bgp, parse_bgp_objects
 from trellis.calc.cluster import Cluster, parse_cluster
 from trellis.calc.policy import PolicyState, compute_policy, read_policy_inputs
 from trellis.calc.routes import DesiredRoutes, compute_routes
@@ -42,7 +44,7 @@ from trellis.datastore.syncer import Syncer
 from trellis.ipam.allocator import Ipam
 from trellis.model.ipam import BLOCK_PREFIX, INTERNAL_PREFIX, Attachment, Block, block_key
 from trellis.model.naming import host_veth_name
-from trellis.model.node import Node
+from trellis.model.node import STATUS_FILE, Node
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,6 @@ RESYNC_S = 30.0
 resyncs, an unchanged desired state costs no kernel read (pod ADDs wake the reconciler)."""
 ROUTED_BACKENDS = ("vxlan", "host-gw", "vxlan-cross-subnet")
 """Backends whose routes the agent programs itself (bgp's come from BIRD)."""
-STATUS_FILE = "status.json"
 COALESCE_S = 0.01
 """After a change, wait this long for the rest of its burst before reconciling (seconds)."""
 
@@ -132,6 +133,8 @@ class NetworkController:
         self._last_routes: DesiredRoutes | None = None
         self._last_full = float("-inf")
         self._problems: dict[str, tuple[str, ...]] = {}
+        self.bird = Bird(config.state_dir) if config.backend == "bgp" else None
+        """The node's BIRD, for the bgp backend: it learns and installs the routes to other nodes."""
 
     @property
     def uses_vxlan(self) -> bool:
@@ -144,12 +147,18 @@ class NetworkController:
         self._threads.append(thread)
 
     def stop(self) -> None:
-        """Stop following the cluster; the kernel keeps what it holds, the lease runs out."""
+        """Stop following the cluster; the kernel keeps what it holds, the lease runs out.
+
+        BIRD is told to restart gracefully: peers and this kernel keep its routes until a
+        new agent brings it back.
+        """
         self._stopping.set()
         self.view.changed.set()
         for thread in self._threads:
             thread.join(timeout=5)
         self.syncer.stop()
+        if self.bird is not None:
+            self.bird.stop()
 
     def _run(self) -> None:
         while not self._stopping.is_set() and not self.view.synced.wait(timeout=0.5):
@@ -166,7 +175,7 @@ class NetworkController:
                 self.reconcile()
             except DatastoreError as err:
                 log.warning("datastore unavailable, keeping the kernel as it is: %s", err)
-            except (KernelError, NftError, OSError) as err:
+            except (KernelError, NftError, BirdError, OSError) as err:
                 log.error("programming the kernel failed (retried on the next change or resync): %s", err)
             if self.view.changed.wait(timeout=min(RESYNC_S, self.config.node_ttl_s / 3)):
                 # Let a burst (a pod ADD writes its block, then its Pod object) land first, and
@@ -229,6 +238,8 @@ class NetworkController:
                         len(desired.peers),
                     )
             self._report_problems("routes", desired.problems)
+        elif self.bird is not None and self._node is not None:
+            self._apply_bgp(objects, cluster)
         local = self._local_endpoints(objects)
         policy = self._policy(objects, local) if self.config.policy else None
         self._apply_table(cluster, local, policy, force=resync)
@@ -236,6 +247,22 @@ class NetworkController:
             self._last_full = self.clock()
         self._release_dead_blocks(cluster)
         self._publish(revision, policy)
+
+    def _apply_bgp(self, objects: dict[str, dict[str, Any]], cluster: Cluster) -> None:
+        assert self.bird is not None and self._node is not None
+        inputs, _ = read_policy_inputs(objects)
+        labels = {name: node.labels for name, node in inputs.nodes.items()}
+        desired = compute_bgp(
+            self._node, cluster.nodes, cluster.blocks, self.config.pools, parse_bgp_objects(objects), labels
+        )
+        if self.bird.apply(desired):
+            log.info(
+                "BIRD configured: AS %d, %d sessions, %d own blocks",
+                desired.asn,
+                len(desired.sessions),
+                len(desired.blocks),
+            )
+        self._report_problems("bgp", desired.problems)
 
     def _local_endpoints(self, objects: dict[str, dict[str, Any]]) -> list[LocalEndpoint]:
         """Every pod attached on this node, from its blocks' allocations."""
@@ -290,6 +317,15 @@ class NetworkController:
             "endpoints_with_policy": 0 if policy is None else len(policy.endpoints),
             "problems": [p for problems in self._problems.values() for p in problems],
         }
+        if self.bird is not None:
+            try:
+                protocols = self.bird.status().protocols
+            except BirdError as err:
+                log.warning("BIRD status unavailable: %s", err)
+                protocols = ()
+            status["bgp"] = [
+                {"name": p.name, "state": p.state, "info": p.info} for p in protocols if p.proto == "BGP"
+            ]
         path = self.config.state_dir / STATUS_FILE
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(status, indent=2) + "\n")

@@ -44,6 +44,7 @@ from trellis.model.k8s import (
     Action,
     ClusterNetworkPolicy,
     ClusterTier,
+    ContainerPort,
     Direction,
     InvalidObject,
     KubeNode,
@@ -64,6 +65,7 @@ from trellis.model.k8s import (
     parse_node,
     parse_pod,
 )
+from trellis.model.selector import LabelSelector
 
 
 def _frozen(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
@@ -243,8 +245,9 @@ class PolicyState:
     """Local endpoints that could not be given a policy, each with the reason."""
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def digest(words: str) -> str:
+    """The suffix of a named set's name: 16 hex digits of the SHA-256 of what it holds, in words."""
+    return hashlib.sha256(words.encode()).hexdigest()[:16]
 
 
 def _subtract(
@@ -267,11 +270,21 @@ def _v4(networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> li
 
 
 class _Sets:
-    """The address and port sets of a state, each made once, when a rule first names it."""
+    """The address and port sets of a state, each made once, when a rule first names it.
+
+    Pods are indexed by namespace, and which namespaces a selector takes is worked out once per
+    selector, so making a set looks only at the pods it can hold (not every pod of the cluster).
+    """
 
     def __init__(self, inputs: PolicyInputs) -> None:
         self._inputs = inputs
         self._pods = sorted((p for p in inputs.pods.values() if p.networked), key=lambda p: p.key)
+        self._hosts = {p.key: ipaddress.IPv4Network(p.ip) for p in self._pods if p.ip}
+        self._by_namespace: dict[str, list[Pod]] = {}
+        for pod in self._pods:
+            self._by_namespace.setdefault(pod.namespace, []).append(pod)
+        self._scopes: dict[LabelSelector | str, list[str]] = {}
+        self._names: dict[PodsPeer | NetworksPeer | NodesPeer, str] = {}
         self.addresses: dict[str, AddressSet] = {}
         self.ports: dict[str, PortSet] = {}
 
@@ -282,18 +295,36 @@ class _Sets:
     def selects(self, peer: PodsPeer, pod: Pod) -> bool:
         return peer.selects(pod, self.namespace_labels(pod.namespace))
 
+    def _selected_hosts(self, peer: PodsPeer) -> list[ipaddress.IPv4Network]:
+        """The addresses of the pods `peer` selects: its namespaces' pods (those worked out once per
+        namespace selector), then their labels."""
+        namespaces = self._scopes.get(peer.namespaces)
+        if namespaces is None:
+            namespaces = [
+                name for name in self._by_namespace if peer.takes_namespace(name, self.namespace_labels(name))
+            ]
+            self._scopes[peer.namespaces] = namespaces
+        return [
+            self._hosts[pod.key]
+            for name in namespaces
+            for pod in self._by_namespace[name]
+            if peer.pods.matches(pod.labels)
+        ]
+
     def address_set(self, peer: PodsPeer | NetworksPeer | NodesPeer) -> str:
-        words = str(peer)
-        kind = {PodsPeer: "pods", NetworksPeer: "nets", NodesPeer: "nodes"}[type(peer)]
-        name = f"{kind}_{_digest(words)}"
-        if name not in self.addresses:
-            self.addresses[name] = AddressSet(name, words, tuple(self._networks(peer)))
+        name = self._names.get(peer)
+        if name is None:
+            words = str(peer)
+            kind = {PodsPeer: "pods", NetworksPeer: "nets", NodesPeer: "nodes"}[type(peer)]
+            name = self._names[peer] = f"{kind}_{digest(words)}"
+            if name not in self.addresses:
+                self.addresses[name] = AddressSet(name, words, tuple(self._networks(peer)))
         return name
 
     def _networks(self, peer: PodsPeer | NetworksPeer | NodesPeer) -> list[ipaddress.IPv4Network]:
         match peer:
             case PodsPeer():
-                hosts = [ipaddress.IPv4Network(p.ip) for p in self._pods if p.ip and self.selects(peer, p)]
+                hosts = self._selected_hosts(peer)
             case NodesPeer():
                 hosts = [
                     ipaddress.IPv4Network(address)
@@ -381,29 +412,57 @@ def _tier(
     return Tier(kind, tuple(rules), tuple(keys))
 
 
-def _program(
-    sets: _Sets,
-    inputs: PolicyInputs,
-    cluster_policies: Mapping[ClusterTier, list[ClusterNetworkPolicy]],
-    pod: Pod,
-    direction: Direction,
-) -> tuple[Tier, ...]:
-    def cluster_tier(tier: ClusterTier, kind: TierKind) -> Tier:
-        chosen = [c for c in cluster_policies[tier] if c.rules(direction) and sets.selects(c.subject, pod)]
-        return _tier(sets, kind, chosen, direction, pod)
+class _Programs:
+    """Each local pod's program per direction, every tier made once and shared by the pods it fits.
 
-    isolating = [
-        policy
-        for _, policy in sorted(inputs.network_policies.items())
-        if direction in policy.policy_types and sets.selects(policy.subject, pod)
-    ]
-    tiers = [cluster_tier(ClusterTier.ADMIN, TierKind.ADMIN)]
-    if isolating:
-        tiers.append(_tier(sets, TierKind.NETWORK_POLICY, isolating, direction, pod))
-    else:
-        tiers.append(cluster_tier(ClusterTier.BASELINE, TierKind.BASELINE))
-    # a tier with no rules and nowhere else to send traffic changes nothing
-    return tuple(t for t in tiers if t.rules or t.default is Outcome.DENY)
+    A tier depends on the pod only through the policies that select it and, for ingress, the
+    pod's own named ports: replicas of one workload get the very same `Tier`. NetworkPolicies are
+    indexed by namespace, since one selects pods of its own namespace only.
+    """
+
+    def __init__(self, inputs: PolicyInputs) -> None:
+        self.sets = _Sets(inputs)
+        self._cluster: dict[ClusterTier, list[ClusterNetworkPolicy]] = {tier: [] for tier in ClusterTier}
+        for cluster_policy in sorted(
+            inputs.cluster_network_policies.values(), key=lambda c: (c.priority, c.name)
+        ):
+            self._cluster[cluster_policy.tier].append(cluster_policy)
+        self._namespaced: dict[str, list[NetworkPolicy]] = {}
+        for _, policy in sorted(inputs.network_policies.items()):
+            self._namespaced.setdefault(policy.namespace, []).append(policy)
+        self._tiers: dict[tuple[TierKind, Direction, tuple[str, ...], tuple[ContainerPort, ...]], Tier] = {}
+
+    def _tier(
+        self,
+        kind: TierKind,
+        policies: list[NetworkPolicy] | list[ClusterNetworkPolicy],
+        direction: Direction,
+        pod: Pod,
+    ) -> Tier:
+        ports = pod.ports if direction is Direction.INGRESS else ()
+        key = (kind, direction, tuple(policy.key for policy in policies), ports)
+        found = self._tiers.get(key)
+        if found is None:
+            found = self._tiers[key] = _tier(self.sets, kind, policies, direction, pod)
+        return found
+
+    def _cluster_tier(self, tier: ClusterTier, kind: TierKind, pod: Pod, direction: Direction) -> Tier:
+        chosen = [c for c in self._cluster[tier] if c.rules(direction) and self.sets.selects(c.subject, pod)]
+        return self._tier(kind, chosen, direction, pod)
+
+    def program(self, pod: Pod, direction: Direction) -> tuple[Tier, ...]:
+        isolating = [
+            policy
+            for policy in self._namespaced.get(pod.namespace, ())
+            if direction in policy.policy_types and self.sets.selects(policy.subject, pod)
+        ]
+        tiers = [self._cluster_tier(ClusterTier.ADMIN, TierKind.ADMIN, pod, direction)]
+        if isolating:
+            tiers.append(self._tier(TierKind.NETWORK_POLICY, isolating, direction, pod))
+        else:
+            tiers.append(self._cluster_tier(ClusterTier.BASELINE, TierKind.BASELINE, pod, direction))
+        # a tier with no rules and nowhere else to send traffic changes nothing
+        return tuple(t for t in tiers if t.rules or t.default is Outcome.DENY)
 
 
 def compute_policy(inputs: PolicyInputs, node: str, local_endpoints: Mapping[str, str]) -> PolicyState:
@@ -411,10 +470,7 @@ def compute_policy(inputs: PolicyInputs, node: str, local_endpoints: Mapping[str
 
     A key without a namespace (`ns/name`) is a workload attached without Kubernetes: open.
     """
-    sets = _Sets(inputs)
-    cluster_policies: dict[ClusterTier, list[ClusterNetworkPolicy]] = {tier: [] for tier in ClusterTier}
-    for policy in sorted(inputs.cluster_network_policies.values(), key=lambda c: (c.priority, c.name)):
-        cluster_policies[policy.tier].append(policy)
+    programs = _Programs(inputs)
     endpoints: dict[str, EndpointPolicy] = {}
     problems: list[str] = []
     for key, interface in sorted(local_endpoints.items()):
@@ -433,12 +489,12 @@ def compute_policy(inputs: PolicyInputs, node: str, local_endpoints: Mapping[str
             )
         endpoints[interface] = EndpointPolicy(
             key,
-            ingress=_program(sets, inputs, cluster_policies, pod, Direction.INGRESS),
-            egress=_program(sets, inputs, cluster_policies, pod, Direction.EGRESS),
+            ingress=programs.program(pod, Direction.INGRESS),
+            egress=programs.program(pod, Direction.EGRESS),
         )
     return PolicyState(
         endpoints=_frozen(endpoints),
-        address_sets=_frozen(dict(sorted(sets.addresses.items()))),
-        port_sets=_frozen(dict(sorted(sets.ports.items()))),
+        address_sets=_frozen(dict(sorted(programs.sets.addresses.items()))),
+        port_sets=_frozen(dict(sorted(programs.sets.ports.items()))),
         problems=tuple(problems),
     )

@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inst.set_defaults(func=_install_cni)
 
+    from trellis.cli.policy import add_policy_parser
     from trellis.lab.cli import add_lab_parser
 
     add_lab_parser(sub)
+    add_policy_parser(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from trellis.lab import cluster, demo, nodes
 from trellis.lab.errors import LabError
 from trellis.lab.manifest import PROTOCOLS, LabObject, parse
-from trellis.lab.probe import checks_for, probe
+from trellis.lab.probe import checks_for
 from trellis.lab.process import in_netns
 from trellis.lab.state import LabPaths, check_lab_name, check_node_name, load
 from trellis.lab.views import matrix_table, nodes_table, pods_table
@@ -32,7 +32,8 @@ def _paths(args: argparse.Namespace) -> LabPaths:
     return LabPaths(args.name)
 
 
-def _read_manifest(source: str) -> list[LabObject]:
+def read_manifest(source: str) -> list[LabObject]:
+    """The objects of YAML file `source` ('-': stdin), all validated; LabError naming the fault."""
     if source == "-":
         return parse(sys.stdin.read(), "<stdin>")
     try:
@@ -62,18 +63,18 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    cluster.apply(args.name, _read_manifest(args.filename), report=print, wait=not args.no_wait)
+    cluster.apply(args.name, read_manifest(args.filename), report=print, wait=not args.no_wait)
     return 0
 
 
 def _delete(args: argparse.Namespace) -> int:
-    cluster.delete(args.name, _read_manifest(args.filename), report=print)
+    cluster.delete(args.name, read_manifest(args.filename), report=print, wait=not args.no_wait)
     return 0
 
 
 def _probe(args: argparse.Namespace) -> int:
     state = load(_paths(args))
-    matrices = probe(cluster.endpoints(state), checks_for(args.port, args.protocol))
+    matrices = cluster.measure(_paths(args), state, checks_for(args.port, args.protocol))
     if args.output == "json":
         out: Any = [m.to_json() for m in matrices]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
@@ -124,21 +125,23 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(args.name, Console())
 
 
-def _guarded(handler: Handler) -> Handler:
+def guarded(handler: Handler, command: str) -> Handler:
+    """`handler`, printing an expected failure as one line, `COMMAND: message`, and exiting 1."""
+
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
         except LabError as err:
-            print(f"trellis lab {args.lab_command}: {err}", file=sys.stderr)
+            print(f"{command}: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print(f"trellis lab {args.lab_command}: interrupted", file=sys.stderr)
+            print(f"{command}: interrupted", file=sys.stderr)
             return 130
 
     return run
 
 
-def _argument(check: Callable[[str], str]) -> Callable[[str], str]:
+def argument_type(check: Callable[[str], str]) -> Callable[[str], str]:
     """An argparse `type` from a check that raises LabError: a bad value is a usage error."""
 
     def convert(text: str) -> str:
@@ -160,14 +163,14 @@ def add_lab_parser(sub: Any) -> None:
     commands = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--name", default="lab", type=_argument(check_lab_name), help="the lab (default: lab)"
+        "--name", default="lab", type=argument_type(check_lab_name), help="the lab (default: lab)"
     )
 
     def command(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = commands.add_parser(
             name, parents=[common], help=text, description=text
         )
-        parser.set_defaults(func=_guarded(handler))
+        parser.set_defaults(func=guarded(handler, f"trellis lab {name}"))
         return parser
 
     up = command("up", _up, "build a lab: a fabric, nodes with their agents, the default namespace")
@@ -189,19 +192,18 @@ def add_lab_parser(sub: Any) -> None:
         ("remove", "a node leaves: its pods, agent, datastore object, namespace; others drop its routes"),
     ):
         verb = node_commands.add_parser(name, parents=[common], help=text, description=text)
-        verb.add_argument("node", type=_argument(check_node_name), help="the node's name (a DNS label)")
-        verb.set_defaults(func=_guarded(_node))
+        verb.add_argument("node", type=argument_type(check_node_name), help="the node's name (a DNS label)")
+        verb.set_defaults(func=guarded(_node, f"trellis lab node {name}"))
 
     for name, handler, text in (
-        ("apply", _apply, "create or update the Namespaces and Pods of a YAML file"),
-        ("delete", _delete, "delete the Namespaces (with their pods) and Pods of a YAML file"),
+        ("apply", _apply, "create or update the Namespaces, Pods and policies of a YAML file"),
+        ("delete", _delete, "delete the Namespaces (with their pods), Pods and policies of a YAML file"),
     ):
         parser = command(name, handler, text)
         parser.add_argument("-f", "--filename", required=True, help="the YAML file ('-': stdin)")
-    parser = commands.choices["apply"]
-    parser.add_argument(
-        "--no-wait", action="store_true", help="return without waiting for every node to route the new pods"
-    )
+        parser.add_argument(
+            "--no-wait", action="store_true", help="return without waiting for every agent to program it"
+        )
 
     probe_parser = command("probe", _probe, "measure pod-to-pod reachability with real packets")
     probe_parser.add_argument("--port", type=int, help="one port (default: 80 and 81)")
@@ -221,4 +223,4 @@ def add_lab_parser(sub: Any) -> None:
     status.add_argument("--output", choices=("table", "json"), default="table", help="default table")
 
     command("down", _down, "remove every namespace, link, process and file of the lab")
-    command("demo", _demo, "the guided tour: up, pods, the reachability matrix, down")
+    command("demo", _demo, "the guided tour: up, pods, the reachability matrix, a policy, down")

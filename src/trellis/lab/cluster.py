@@ -3,9 +3,13 @@
 Why this order of work: each command holds the lab's lock, checks everything it can before
 changing anything (a manifest is applied whole or refused), and records each object in the
 state before making it, so that `down` can always remove what exists, even after a command
-was killed half-way. `up` that fails removes what it made. `apply` returns once every agent
-has programmed the new pods (`converge.py`), so a probe right after it sees them. Output goes
-through a `report` callback: the CLI prints plain lines, the demo prints them its own way.
+was killed half-way. `up` that fails removes what it made.
+
+The lab is also its cluster's API server: every Namespace, Pod, Node and policy it makes or
+changes is written to the datastore as a Kubernetes object (`kube.py`, `store.write`), which
+the agents compute policy from. `apply` and `delete` return once every agent has programmed
+the lab's last write (`converge.py`), so a probe right after them sees the new state. Output
+goes through a `report` callback: the CLI prints plain lines, the demo prints them its own way.
 """
 
 from __future__ import annotations
@@ -21,12 +25,19 @@ from typing import Any
 
 from trellis.calc.routes import BACKENDS as ROUTED_BACKENDS
 from trellis.cni.install import CONFLIST_NAME
-from trellis.lab import converge, fabric, store
+from trellis.lab import converge, fabric, kube, store
 from trellis.lab.errors import LabError, LabNotFound
-from trellis.lab.manifest import DEFAULT_NAMESPACE, DEFAULT_PORTS, NamespaceObject, PodObject
+from trellis.lab.manifest import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_PORTS,
+    LabObject,
+    NamespaceObject,
+    PodObject,
+    PolicyObject,
+)
 from trellis.lab.nodes import build_node, wait_joined
-from trellis.lab.pods import attach, delete_pod, new_pod, node_cni_path, node_ready, start_server
-from trellis.lab.probe import Endpoint
+from trellis.lab.pods import create_pod, delete_pod, new_pod, node_cni_path, node_ready, start_server
+from trellis.lab.probe import Check, Endpoint, Matrix, probe, udp_sockets_per_source
 from trellis.lab.process import ProcessRef, stop
 from trellis.lab.report import Report, quiet
 from trellis.lab.state import (
@@ -48,8 +59,10 @@ from trellis.lab.state import (
     plan_nodes,
     pod_netns,
     save,
+    take_source_ports,
 )
 from trellis.lab.supervisor import current_agent, current_process, read_record, start_supervisor
+from trellis.model.k8s import NETWORK_POLICY_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +144,7 @@ def _build(paths: LabPaths, state: LabState, report: Report) -> None:
     start_supervisor(paths, record)
     if state.datastore == "etcd":
         report(f"datastore: etcd at {store.location(paths, state)}, in {state.fabric_netns}")
-    wait_joined(paths, state, state.nodes)
+    wait_joined(paths, state, state.nodes, [kube.namespace_object(DEFAULT_NAMESPACE, {})])
 
 
 def _teardown(paths: LabPaths, state: LabState) -> None:
@@ -181,10 +194,12 @@ def _check_pod_update(existing: Pod, obj: PodObject) -> None:
         raise LabError(f"pod {obj.key}: its ports cannot change (delete the pod first)")
 
 
-def _validate_apply(state: LabState, objects: Sequence[NamespaceObject | PodObject]) -> None:
+def validate_apply(state: LabState, objects: Sequence[LabObject]) -> None:
     """Refuse the whole file if any object cannot be applied to this lab."""
     namespaces = set(state.namespaces) | {o.name for o in objects if isinstance(o, NamespaceObject)}
     for obj in objects:
+        if isinstance(obj, PolicyObject) and obj.namespace is not None and obj.namespace not in namespaces:
+            raise LabError(f"{obj}: namespace {obj.namespace!r} does not exist (apply it first)")
         if not isinstance(obj, PodObject):
             continue
         if obj.namespace not in namespaces:
@@ -199,30 +214,33 @@ def _validate_apply(state: LabState, objects: Sequence[NamespaceObject | PodObje
 
 def apply(
     name: str,
-    objects: list[NamespaceObject | PodObject],
+    objects: Sequence[LabObject],
     root: Path = LAB_ROOT,
     report: Report = quiet,
     wait: bool = True,
 ) -> None:
-    """Create or update every object, namespaces first as kubectl orders them.
+    """Create or update every object: namespaces, then policies (so new pods start under them),
+    then pods.
 
-    With `wait`, return once every node routes to each new pod (LabError naming a node that
-    did not within converge.ROUTES_TIMEOUT_S).
+    With `wait`, return once every agent has programmed the change (LabError naming a node
+    that did not within converge.TIMEOUT_S).
     """
     paths = LabPaths(name, root)
     with locked_state(paths) as state:
-        _validate_apply(state, objects)
+        validate_apply(state, objects)
         for obj in objects:
             if isinstance(obj, NamespaceObject):
                 report(_apply_namespace(paths, state, obj))
-        created = []
+        policies = [obj for obj in objects if isinstance(obj, PolicyObject)]
+        if policies:
+            outcomes = store.write(paths, state, {p.datastore_key: p.body for p in policies})
+            for policy in policies:
+                report(f"{policy} {outcomes[policy.datastore_key]}")
         for obj in objects:
             if isinstance(obj, PodObject):
-                line, pod = _apply_pod(paths, state, obj)
-                report(line)
-                created += [pod] if pod is not None else []
+                report(_apply_pod(paths, state, obj))
         if wait:
-            converge.pods_routed(paths, state, created)
+            converge.programmed(paths, state)
 
 
 def _apply_namespace(paths: LabPaths, state: LabState, obj: NamespaceObject) -> str:
@@ -232,64 +250,76 @@ def _apply_namespace(paths: LabPaths, state: LabState, obj: NamespaceObject) -> 
         return f"namespace/{obj.name} unchanged"
     state.namespaces[obj.name] = labels
     save(paths, state)
+    store.write(paths, state, dict([kube.namespace_object(obj.name, labels)]))
     return f"namespace/{obj.name} {'created' if before is None else 'configured'}"
 
 
-def _apply_pod(paths: LabPaths, state: LabState, obj: PodObject) -> tuple[str, Pod | None]:
-    """What happened (as kubectl prints it), and the pod if it was created."""
+def _apply_pod(paths: LabPaths, state: LabState, obj: PodObject) -> str:
+    """Create the pod, or change its labels; returns what happened, as kubectl prints it."""
     existing = state.pods.get(obj.key)
     if existing is not None:
         if existing.labels == obj.labels:
-            return f"pod/{obj.key} unchanged", None
-        state.pods[obj.key] = replace(existing, labels=obj.labels)
+            return f"pod/{obj.key} unchanged"
+        updated = state.pods[obj.key] = replace(existing, labels=obj.labels)
         save(paths, state)
-        return f"pod/{obj.key} configured", None
+        store.write(paths, state, dict([kube.pod_object(state, updated)]))
+        return f"pod/{obj.key} configured"
     if obj.node_name is None:
         node = state.nodes[state.next_node % len(state.nodes)]
         state.next_node += 1
     else:
         node = state.node(obj.node_name)
-    pod = new_pod(state.name, obj, node.name)
-    state.pods[pod.key] = pod
-    save(paths, state)
-    try:
-        pod = attach(paths, node, pod)
-    except BaseException:
-        if not fabric.netns_exists(pod.netns):  # else its rollback failed: `delete` or `down` retries
-            del state.pods[pod.key]
-            save(paths, state)
-        raise
-    state.pods[pod.key] = pod
-    save(paths, state)
-    return f"pod/{pod.key} created on {node.name}, ip {pod.ip}", pod
+    pod = create_pod(paths, state, new_pod(state.name, obj, node.name))
+    return f"pod/{pod.key} created on {node.name}, ip {pod.ip}"
 
 
 def delete(
     name: str,
-    objects: list[NamespaceObject | PodObject],
+    objects: Sequence[LabObject],
     root: Path = LAB_ROOT,
     report: Report = quiet,
+    wait: bool = True,
 ) -> None:
-    """Delete every object (a namespace with its pods); objects already gone are reported, not errors."""
+    """Delete every object: policies, pods, then namespaces with everything in them (their pods
+    and NetworkPolicies); objects already gone are reported, not errors.
+
+    With `wait`, return once every agent has programmed the change.
+    """
     paths = LabPaths(name, root)
     with locked_state(paths) as state:
         for obj in objects:
             if isinstance(obj, NamespaceObject) and obj.name == DEFAULT_NAMESPACE:
                 raise LabError(f"namespace {DEFAULT_NAMESPACE} cannot be deleted")
+        policies = [obj for obj in objects if isinstance(obj, PolicyObject)]
+        if policies:
+            outcomes = store.write(paths, state, dict.fromkeys(p.datastore_key for p in policies))
+            for policy in policies:
+                report(f"{policy} {outcomes[policy.datastore_key]}")
         for obj in objects:
             if isinstance(obj, PodObject):
                 report(delete_pod(paths, state, obj.key))
         for obj in objects:
-            if not isinstance(obj, NamespaceObject):
-                continue
-            if obj.name not in state.namespaces:
-                report(f"namespace/{obj.name} not found")
-                continue
-            for key in [k for k, pod in state.pods.items() if pod.namespace == obj.name]:
-                report(delete_pod(paths, state, key))
-            del state.namespaces[obj.name]
-            save(paths, state)
-            report(f"namespace/{obj.name} deleted")
+            if isinstance(obj, NamespaceObject):
+                _delete_namespace(paths, state, obj.name, report)
+        if wait:
+            converge.programmed(paths, state)
+
+
+def _delete_namespace(paths: LabPaths, state: LabState, name: str, report: Report) -> None:
+    """Namespace `name` with its pods and NetworkPolicies, as the API server's namespace controller."""
+    if name not in state.namespaces:
+        report(f"namespace/{name} not found")
+        return
+    for key in sorted(k for k, pod in state.pods.items() if pod.namespace == name):
+        report(delete_pod(paths, state, key))
+    policies = store.read(paths, state, f"{NETWORK_POLICY_PREFIX}{name}/")
+    store.write(paths, state, dict.fromkeys(policies))
+    for key in policies:
+        report(f"networkpolicy/{key.removeprefix(NETWORK_POLICY_PREFIX)} deleted")
+    del state.namespaces[name]
+    save(paths, state)
+    store.write(paths, state, {kube.namespace_key(name): None})
+    report(f"namespace/{name} deleted")
 
 
 @dataclass(frozen=True)
@@ -371,6 +401,14 @@ def endpoints(state: LabState) -> list[Endpoint]:
         for pod in sorted(state.pods.values(), key=lambda p: p.key)
         if pod.ip is not None
     ]
+
+
+def measure(paths: LabPaths, state: LabState, checks: Sequence[Check]) -> list[Matrix]:
+    """The reachability matrices of every attached pod, measured now with real packets (UDP from
+    source ports no recent probe used)."""
+    pods = endpoints(state)
+    first = take_source_ports(paths, udp_sockets_per_source(pods, checks))
+    return probe(pods, checks, udp_source_port=first)
 
 
 def env_exports(paths: LabPaths, state: LabState, node_name: str) -> dict[str, str]:

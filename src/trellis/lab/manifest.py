@@ -1,10 +1,13 @@
-"""Kubernetes YAML for the lab: the Namespace and Pod objects it understands, as values.
+"""Kubernetes YAML for the lab: the Namespace, Pod and policy objects it understands, as values.
 
 Why validate everything first: `lab apply -f` must either apply a file or refuse it whole,
 as the API server refuses an invalid object, so the parser reads every document and checks
 every field it uses before the lab changes anything. Errors name the file, the document
-(counted from 1) and the field. Kinds that later work adds (NetworkPolicy, ...) are refused
-by name until then.
+(counted from 1), the kind, the object and the field. Other kinds are refused by name.
+
+Policies (NetworkPolicy, ClusterNetworkPolicy) are checked by the very parsers the agents use
+(`model/k8s.py`): what the lab accepts, every agent can compute. They are kept as written
+(apiVersion, kind, metadata, spec), the JSON the lab then stores as the API server would.
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ from typing import Any
 import yaml
 
 from trellis.lab.errors import LabError
+from trellis.model.k8s import (
+    CLUSTER_NETWORK_POLICY_PREFIX,
+    NETWORK_POLICY_PREFIX,
+    InvalidObject,
+    parse_cluster_network_policy,
+    parse_network_policy,
+)
 
 DEFAULT_NAMESPACE = "default"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -84,7 +94,31 @@ class PodObject:
         return self.ports or DEFAULT_PORTS
 
 
-LabObject = NamespaceObject | PodObject
+@dataclass(frozen=True)
+class PolicyObject:
+    """A NetworkPolicy (namespaced) or ClusterNetworkPolicy (namespace None), valid for the agents."""
+
+    kind: str
+    namespace: str | None
+    name: str
+    body: dict[str, Any]
+    """What the datastore holds: apiVersion, kind, metadata (name, namespace, labels) and spec."""
+
+    @property
+    def key(self) -> str:
+        return self.name if self.namespace is None else f"{self.namespace}/{self.name}"
+
+    @property
+    def datastore_key(self) -> str:
+        prefix = CLUSTER_NETWORK_POLICY_PREFIX if self.namespace is None else NETWORK_POLICY_PREFIX
+        return prefix + self.key
+
+    def __str__(self) -> str:
+        """As kubectl names it in what it prints: `networkpolicy/x/deny`."""
+        return f"{self.kind.lower()}/{self.key}"
+
+
+LabObject = NamespaceObject | PodObject | PolicyObject
 
 
 class _Document:
@@ -183,12 +217,16 @@ def _port(doc: _Document, where: str, item: Any) -> ContainerPort:
     return ContainerPort(number, protocol, name)
 
 
-def _pod(doc: _Document) -> PodObject:
+def _object_namespace(doc: _Document) -> str:
     namespace: str = doc.get("metadata.namespace", str, DEFAULT_NAMESPACE)
     if len(namespace) > 63 or not _DNS_LABEL.match(namespace):
         raise doc.fail(f"metadata.namespace {namespace!r} is not a valid namespace name")
+    return namespace
+
+
+def _pod(doc: _Document) -> PodObject:
     return PodObject(
-        namespace=namespace,
+        namespace=_object_namespace(doc),
         name=doc.name("metadata.name", _DNS_SUBDOMAIN, 253),
         labels=doc.labels(),
         node_name=doc.get("spec.nodeName", str),
@@ -196,7 +234,39 @@ def _pod(doc: _Document) -> PodObject:
     )
 
 
-_KINDS: dict[str, Callable[[_Document], LabObject]] = {"Namespace": _namespace, "Pod": _pod}
+def _policy(doc: _Document, namespaced: bool, check: Callable[[Any], object]) -> PolicyObject:
+    """A policy object as written, once the agents' own parser accepts it."""
+    kind: str = doc.body["kind"]
+    namespace = _object_namespace(doc) if namespaced else None
+    name = doc.name("metadata.name", _DNS_SUBDOMAIN, 253)
+    metadata: dict[str, Any] = {"name": name, **({"namespace": namespace} if namespace else {})}
+    labels = doc.labels()
+    if labels:
+        metadata["labels"] = labels
+    body = {"apiVersion": doc.body["apiVersion"], "kind": kind, "metadata": metadata}
+    if "spec" in doc.body:
+        body["spec"] = doc.body["spec"]
+    try:
+        check(body)
+    except InvalidObject as err:
+        raise doc.fail(str(err)) from None
+    return PolicyObject(kind, namespace, name, body)
+
+
+def _network_policy(doc: _Document) -> PolicyObject:
+    return _policy(doc, True, parse_network_policy)
+
+
+def _cluster_network_policy(doc: _Document) -> PolicyObject:
+    return _policy(doc, False, parse_cluster_network_policy)
+
+
+_KINDS: dict[str, tuple[str, Callable[[_Document], LabObject]]] = {
+    "Namespace": ("v1", _namespace),
+    "Pod": ("v1", _pod),
+    "NetworkPolicy": ("networking.k8s.io/v1", _network_policy),
+    "ClusterNetworkPolicy": ("policy.networking.k8s.io/v1beta1", _cluster_network_policy),
+}
 
 
 def parse(text: str, source: str) -> list[LabObject]:
@@ -221,10 +291,11 @@ def parse(text: str, source: str) -> list[LabObject]:
         if kind not in _KINDS:
             supported = ", ".join(_KINDS)
             raise doc.fail(f"kind {kind!r} is not supported by the lab (supported: {supported})")
-        if body.get("apiVersion") != "v1":
-            raise doc.fail(f"{kind} needs apiVersion v1, got {body.get('apiVersion')!r}")
-        obj = _KINDS[kind](doc)
-        ident = (kind, obj.key if isinstance(obj, PodObject) else obj.name)
+        api_version, read = _KINDS[kind]
+        if body.get("apiVersion") != api_version:
+            raise doc.fail(f"{kind} needs apiVersion {api_version}, got {body.get('apiVersion')!r}")
+        obj = read(doc)
+        ident = (kind, obj.name if isinstance(obj, NamespaceObject) else obj.key)
         if ident in seen:
             raise doc.fail(f"{kind} {ident[1]} is already defined in document {seen[ident]}")
         seen[ident] = index

@@ -9,8 +9,10 @@ machine away (its namespace and fabric port). Until all of that is done the node
 as retired: `down` still removes its namespace, and running `node remove` again finishes it.
 
 Joining is the reverse: namespace and uplink, CNI configuration, then the supervisor (woken by
-SIGHUP) starts its agent. A node has joined once its agent answers CNI STATUS and has
-registered the node in the datastore; before a pod lands on it, it has no block to route.
+SIGHUP) starts its agent. A node has joined once its agent answers CNI STATUS, the lab has
+stored its Node object (as kubelet registers one) and every agent has programmed that (an agent
+reports a revision only after registering its node); before a pod lands on it, it has no block
+to route.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import logging
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from trellis.calc.routes import BACKENDS as ROUTED_BACKENDS
 from trellis.cni.install import install
-from trellis.lab import converge, fabric, store
+from trellis.lab import converge, fabric, kube, store
 from trellis.lab.errors import LabError
 from trellis.lab.pods import delete_pod, node_ready
 from trellis.lab.process import log_tail, stop, wait_until
@@ -40,11 +42,12 @@ from trellis.lab.state import (
     save,
 )
 from trellis.lab.supervisor import current_agent, followed
+from trellis.model.node import NODE_PREFIX
 
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 60.0
-"""How long a new node's agent may take to answer CNI STATUS and register the node (seconds)."""
+"""How long a new node's agent may take to answer CNI STATUS and program the node's objects (seconds)."""
 RELEASE_TIMEOUT_S = 10.0
 """How long the supervisor may take to stop a removed node's agent (seconds)."""
 SOCKET_PATH_MAX = 107
@@ -58,35 +61,29 @@ def build_node(paths: LabPaths, state: LabState, node: Node) -> None:
 
 
 def wait_joined(
-    paths: LabPaths, state: LabState, nodes: list[Node], timeout_s: float = JOIN_TIMEOUT_S
+    paths: LabPaths,
+    state: LabState,
+    nodes: list[Node],
+    objects: Sequence[kube.KubeObject] = (),
+    timeout_s: float = JOIN_TIMEOUT_S,
 ) -> None:
-    """Return once every node's agent is ready and has registered its node; LabError naming one that did not.
-
-    With a backend whose agents do not route between nodes yet (bgp), agents do not register.
+    """Return once every node's agent is ready, then store the nodes' Node objects (and `objects`)
+    and return once every agent of the lab has programmed them; LabError naming a node that did not.
     """
     supervisor = state.supervisor
     not_ready = list(nodes)
-    unregistered = [n.name for n in nodes] if state.backend in ROUTED_BACKENDS else []
 
-    def joined() -> bool:
+    def ready() -> bool:
         if supervisor is None or not supervisor.alive():
             raise LabError(f"lab {state.name}: the supervisor exited ({log_tail(paths.supervisor_log)})")
         not_ready[:] = [node for node in not_ready if not node_ready(paths, node)]
-        if not_ready:
-            return False
-        unregistered[:] = sorted(set(unregistered) - store.registered(paths, state, unregistered))
-        return not unregistered
+        return not not_ready
 
-    if wait_until(joined, timeout_s, poll_s=0.1):
-        return
-    if not_ready:
+    if not wait_until(ready, timeout_s, poll_s=0.1):
         late = not_ready[0].name
         raise LabError(f"{late}: agent not ready after {timeout_s:.0f} s ({log_tail(paths.agent_log(late))})")
-    late = unregistered[0]
-    raise LabError(
-        f"{late}: agent ready, but the node is not registered in the datastore after {timeout_s:.0f} s "
-        f"({log_tail(paths.agent_log(late))})"
-    )
+    store.write(paths, state, dict([*map(kube.node_object, nodes), *objects]))
+    converge.programmed(paths, state, timeout_s=timeout_s)
 
 
 def _wake_supervisor(state: LabState) -> None:
@@ -114,22 +111,24 @@ def _release_agent(paths: LabPaths, state: LabState, node: Node) -> None:
 
 
 def _retire(paths: LabPaths, state: LabState, node: Node) -> list[str]:
-    """Take `node` out of the lab: its agent, its datastore object, its namespace and files.
+    """Take `node` out of the lab: its agent, its datastore objects, its namespace and files.
 
-    Returns the blocks it held (as strings), which the other nodes are to stop routing.
+    Returns the blocks it held (as strings), which the other nodes stop routing before this
+    returns (they have programmed the node's removal).
     """
     if node in state.nodes:
         state.nodes.remove(node)
         state.retired.append(node)
         save(paths, state)
     _release_agent(paths, state, node)
-    blocks = store.forget_node(paths, state, node.name)
+    store.write(paths, state, {NODE_PREFIX + node.name: None, kube.node_key(node.name): None})
+    blocks = store.node_blocks(paths, state, node.name)
     fabric.remove_port(state.fabric_netns, fabric.fabric_port(node.index))
     fabric.remove_netns(node.netns)
     shutil.rmtree(paths.node_dir(node.name), ignore_errors=True)
     state.retired.remove(node)
     save(paths, state)
-    converge.blocks_unrouted(paths, state, node.name, blocks)
+    converge.programmed(paths, state)
     return [str(block) for block in blocks]
 
 

@@ -1,12 +1,18 @@
-"""Lab pods, made the way a container runtime makes them.
+"""Lab pods, made the way Kubernetes makes them: the API object first, then the runtime's work.
 
 Why through the real plugin: the lab is the container runtime of its nodes. For a pod it
 creates a network namespace, then runs the node's conflist with `CniRuntime` (the plugin
 executables, exec'd inside the node's namespace, with the Kubernetes CNI_ARGS that containerd
 and CRI-O pass) and takes the pod's address from the ADD result; CniRuntime caches that
-result for DEL, as libcni does. Removal goes in the runtime's order too: stop the pod's
-processes, CNI DEL, remove the namespace. CNI error 11 ("try again later", e.g. while the
-supervisor restarts an agent) is retried until a deadline, as kubelet retries.
+result for DEL, as libcni does. CNI error 11 ("try again later", e.g. while the supervisor
+restarts an agent) is retried until a deadline, as kubelet retries.
+
+Why the Pod object comes first: the lab is the API server too (`kube.py`). As in Kubernetes,
+the Pod object exists, scheduled on its node, before its sandbox's CNI ADD, and the ADD's
+address then becomes its `status.podIP` (the agents put it in the address sets of every
+policy that selects the pod, and drop a pod interface whose object is missing). Removal goes
+in the same order backwards: stop the pod's processes, CNI DEL, remove the namespace, then
+delete the object.
 
 Each pod runs `podserver.py` on its ports, so the probe measures real TCP and UDP traffic;
 so does the lab's external host, whose answers show the address a pod's traffic arrives from.
@@ -30,7 +36,7 @@ from typing import IO, Any, TypeVar
 
 from trellis.cni.install import CONFLIST_NAME
 from trellis.dataplane.kernel.netns import netns_path
-from trellis.lab import podserver
+from trellis.lab import kube, podserver, store
 from trellis.lab.errors import LabError
 from trellis.lab.fabric import create_netns, remove_netns
 from trellis.lab.manifest import ContainerPort, PodObject
@@ -163,32 +169,48 @@ def start_server(netns: str, name: str, ports: tuple[ContainerPort, ...], log_pa
     return ProcessRef.of(proc.pid)
 
 
-def attach(paths: LabPaths, node: Node, pod: Pod) -> Pod:
-    """Create the pod: namespace, CNI ADD on its node, server. Returns it with its IP and server.
+def create_pod(paths: LabPaths, state: LabState, pod: Pod) -> Pod:
+    """Create `pod` (recorded first): its object, its namespace, CNI ADD on its node, its address
+    in the object, its server. Returns it with its IP and server.
 
-    On failure, whatever was made is removed before the error is raised.
+    On failure, whatever was made is removed before the error is raised; a pod whose removal
+    failed too stays recorded for `delete` or `down` to finish.
     """
-    create_netns(pod.netns)
+    state.pods[pod.key] = pod
+    save(paths, state)
+    node = state.node(pod.node)
     try:
+        store.write(paths, state, dict([kube.pod_object(state, pod)]))
+        create_netns(pod.netns)
         with node_runtime(paths, node) as runtime:
             result = _retrying(
                 f"pod {pod.key}: CNI ADD on {node.name}",
                 lambda: runtime.add(pod.container_id, netns_path(pod.netns), POD_IFNAME, cni_args(pod)),
             )
-        pod = replace(pod, ip=_result_ip(pod, result))
+        pod = state.pods[pod.key] = replace(pod, ip=_result_ip(pod, result))
+        save(paths, state)
+        store.write(paths, state, dict([kube.pod_object(state, pod)]))
         server = start_server(pod.netns, pod.key, pod.ports, paths.pod_log(pod.key))
-        return replace(pod, server=server)
+        pod = state.pods[pod.key] = replace(pod, server=server)
+        save(paths, state)
     except BaseException:
         try:
-            detach(paths, node, pod)
+            delete_pod(paths, state, pod.key)
         except LabError as err:
             log.warning("pod %s: rollback incomplete: %s", pod.key, err)
         raise
+    return pod
 
 
-def detach(paths: LabPaths, node: Node, pod: Pod) -> None:
-    """Remove the pod: stop its server, CNI DEL on its node, remove its namespace (idempotent)."""
+def delete_pod(paths: LabPaths, state: LabState, key: str) -> str:
+    """Remove pod `key`: its server, CNI DEL on its node, its namespace, its object, its record
+    (each step idempotent). Returns what `kubectl delete` would print.
+    """
+    pod = state.pods.get(key)
+    if pod is None:
+        return f"pod/{key} not found"
     stop([pod.server], grace_s=2.0)
+    node = state.node(pod.node)
     with node_runtime(paths, node) as runtime:
         _retrying(
             f"pod {pod.key}: CNI DEL on {node.name}",
@@ -196,14 +218,7 @@ def detach(paths: LabPaths, node: Node, pod: Pod) -> None:
         )
     remove_netns(pod.netns)
     paths.pod_log(pod.key).unlink(missing_ok=True)
-
-
-def delete_pod(paths: LabPaths, state: LabState, key: str) -> str:
-    """Remove pod `key` of the lab and its record; returns what `kubectl delete` would print."""
-    pod = state.pods.get(key)
-    if pod is None:
-        return f"pod/{key} not found"
-    detach(paths, state.node(pod.node), pod)
+    store.write(paths, state, {kube.pod_key(key): None})
     del state.pods[key]
     save(paths, state)
     return f"pod/{key} deleted"

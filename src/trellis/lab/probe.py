@@ -8,12 +8,17 @@ non-blocking under one selector with one deadline: a matrix takes about the time
 
 TCP: reachable when the handshake completes. UDP: reachable when the destination's pod
 server echoes the datagram (re-sent every 200 ms in case one is lost); an ICMP error or
-silence until the deadline is unreachable. `ask` reads what one server answers instead: a pod
-server names itself and the source address it saw, which shows masquerading at work.
+silence until the deadline is unreachable. UDP sockets can be given source ports never used
+lately (`udp_source_port`): a datagram whose flow conntrack still remembers from an earlier
+probe would pass as established, so the matrix would show an old policy's answer.
+
+`ask` reads what one server answers instead: a pod server names itself and the source address
+it saw, which shows masquerading at work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import resource
@@ -175,17 +180,39 @@ def _sockets_in(netns: str, kinds: list[socket.SocketKind]) -> list[socket.socke
     return call_in_netns(netns, make)
 
 
+def udp_sockets_per_source(endpoints: Sequence[Endpoint], checks: Sequence[Check]) -> int:
+    """How many UDP source ports each endpoint uses in a probe of `checks`."""
+    return (len(endpoints) - 1) * sum(check.protocol == "UDP" for check in checks)
+
+
+def _bind_next(sock: socket.socket, port: int) -> None:
+    """Bind `sock` to `port` if it is free there; else the kernel picks one at connect."""
+    with contextlib.suppress(OSError):
+        sock.bind(("0.0.0.0", port))
+
+
 def probe(
-    endpoints: Sequence[Endpoint], checks: Sequence[Check], timeout_s: float = TIMEOUT_S
+    endpoints: Sequence[Endpoint],
+    checks: Sequence[Check],
+    timeout_s: float = TIMEOUT_S,
+    udp_source_port: int | None = None,
 ) -> list[Matrix]:
-    """One matrix per check: from every endpoint to every other one."""
+    """One matrix per check: from every endpoint to every other one.
+
+    With `udp_source_port`, each endpoint's UDP sockets take the ports from it on, in turn
+    (`udp_sockets_per_source` of them).
+    """
     _allow_open_files(len(endpoints) * (len(endpoints) - 1) * len(checks))
     matrices = {check: Matrix(check, {src.name: {} for src in endpoints}) for check in checks}
     attempts: list[tuple[dict[str, bool], str, Attempt]] = []
     for src in endpoints:
         pairs = [(dst, check) for check in checks for dst in endpoints if dst.name != src.name]
         kinds = [socket.SOCK_STREAM if check.protocol == "TCP" else socket.SOCK_DGRAM for _, check in pairs]
+        udp = 0
         for sock, (dst, check) in zip(_sockets_in(src.netns, kinds), pairs, strict=True):
+            if udp_source_port is not None and sock.type == socket.SOCK_DGRAM:
+                _bind_next(sock, udp_source_port + udp)
+                udp += 1
             row = matrices[check].results[src.name]
             attempts.append((row, dst.name, Attempt(sock, (str(dst.ip), check.port))))
     run_attempts([attempt for _, _, attempt in attempts], timeout_s)

@@ -42,6 +42,8 @@ EXTERNAL_HOST = 254
 MAX_NODES = 240
 MAX_SUBNETS = 16
 STATE_VERSION = 2
+PROBE_SOURCE_PORTS = range(32768, 61000)
+"""The UDP source ports probes take in turn (Linux's default ephemeral range)."""
 
 _LAB_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -146,6 +148,11 @@ class LabPaths:
     @property
     def external_log(self) -> Path:
         return self.dir / "external.log"
+
+    @property
+    def probe_ports(self) -> Path:
+        """The next UDP source port a probe takes (JSON; see `take_source_ports`)."""
+        return self.dir / "probe.json"
 
     def node_dir(self, node: str) -> Path:
         return self.dir / "nodes" / node
@@ -262,6 +269,9 @@ class LabState:
     external_server: ProcessRef | None = None
     revision: int = 0
     """Counts saves; the supervisor reports the revision it last followed (see `supervisor_record`)."""
+    api_revision: int = 0
+    """The datastore revision of the lab's last write (a Kubernetes object, a node's removal):
+    every agent must report at least this one before a command that waits returns."""
 
     @property
     def fabric_netns(self) -> str:
@@ -314,6 +324,7 @@ class LabState:
             "retired": [n.to_json() for n in self.retired],
             "external_server": None if self.external_server is None else self.external_server.to_json(),
             "revision": self.revision,
+            "api_revision": self.api_revision,
         }
 
     @classmethod
@@ -334,6 +345,7 @@ class LabState:
             retired=[Node.from_json(n) for n in data["retired"]],
             external_server=ProcessRef.from_json(data["external_server"]),
             revision=int(data["revision"]),
+            api_revision=int(data.get("api_revision", 0)),  # labs made before the lab wrote objects
         )
 
 
@@ -415,6 +427,32 @@ def _flock(path: Path, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def take_source_ports(paths: LabPaths, count: int) -> int:
+    """The first of `count` consecutive ports of PROBE_SOURCE_PORTS, after those the last probe took.
+
+    Why: conntrack remembers a UDP flow for 30 s after its last datagram. A probe datagram that
+    happened to reuse the source port of an earlier probe's (allowed then) would match that
+    entry and pass as part of an established flow, whatever the policy is now. Taken in turn,
+    under a lock of their own (probes do not take the lab's lock), a port comes back only after
+    28 000 others.
+    """
+    if count > len(PROBE_SOURCE_PORTS):
+        raise LabError(f"a probe of {count} UDP sockets per pod needs more source ports than there are")
+    fd = _flock(paths.probe_ports, os.O_CREAT)
+    try:
+        with os.fdopen(os.dup(fd), "r+") as cursor:
+            text = cursor.read()
+            first = int(json.loads(text)["next"]) if text else PROBE_SOURCE_PORTS.start
+            if first + count > PROBE_SOURCE_PORTS.stop:
+                first = PROBE_SOURCE_PORTS.start
+            cursor.seek(0)
+            cursor.truncate()
+            cursor.write(json.dumps({"next": first + count}) + "\n")
+    finally:
+        os.close(fd)
+    return first
 
 
 @contextmanager

@@ -6,10 +6,15 @@ it over the underlay as they would across machines, at the fabric's address on t
 health. Its data stays in the lab's directory; compaction keeps one hour of history. The
 supervisor starts it (before the agents) and restarts it like an agent.
 
-Why every access runs in the fabric namespace: the lab is the cluster's operator. It reads node
-registrations to know a node joined, and deletes a node's object to remove it (as
-`kubectl delete node` does), and a connection to etcd only exists from a namespace on the
-fabric. The same code serves SQLite, for which the namespace makes no difference.
+Why every access runs in the fabric namespace: the lab is the cluster's API server and
+operator. It writes the Kubernetes objects of its cluster (`kube.py`), deletes a node's
+registration to remove it (as `kubectl delete node` does), and a connection to etcd only
+exists from a namespace on the fabric. The same code serves SQLite, for which the namespace
+makes no difference.
+
+Every write records the store revision it reached in the lab's state (`api_revision`): a
+command then waits until every agent reports having programmed at least that revision
+(`converge.py`).
 """
 
 from __future__ import annotations
@@ -17,17 +22,16 @@ from __future__ import annotations
 import ipaddress
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from trellis.dataplane.kernel.netns import call_in_netns
 from trellis.datastore import Datastore, open_datastore
 from trellis.datastore.base import Conflict, DatastoreError
 from trellis.lab.errors import LabError
-from trellis.lab.state import LabPaths, LabState
+from trellis.lab.state import LabPaths, LabState, save
 from trellis.model.ipam import BLOCK_PREFIX, Block
-from trellis.model.node import NODE_PREFIX
 
 T = TypeVar("T")
 
@@ -99,30 +103,63 @@ def using(paths: LabPaths, state: LabState, action: Callable[[Datastore], T]) ->
         raise LabError(f"lab {state.name}: datastore {state.datastore}: {err}") from None
 
 
-def registered(paths: LabPaths, state: LabState, names: Iterable[str]) -> set[str]:
-    """Those of the nodes `names` whose agent has registered the node in the datastore."""
-    wanted = list(names)
-    return using(paths, state, lambda store: {n for n in wanted if store.get(NODE_PREFIX + n) is not None})
+def read(paths: LabPaths, state: LabState, prefix: str) -> dict[str, dict[str, Any]]:
+    """Every object under `prefix`, by key."""
+    return using(paths, state, lambda store: {kv.key: kv.value for kv in store.list(prefix)})
 
 
-def forget_node(paths: LabPaths, state: LabState, name: str) -> list[ipaddress.IPv4Network]:
-    """Delete node `name`'s object (every agent then drops its routes); returns the blocks it held.
+def _delete(store: Datastore, key: str) -> bool:
+    """Delete `key` whatever its revision; False if it was absent."""
+    for _ in range(DELETE_ATTEMPTS):
+        kv = store.get(key)
+        if kv is None:
+            return False
+        try:
+            store.delete(kv.key, kv.mod_revision)
+        except Conflict:
+            continue  # re-written meanwhile (an agent re-registering its node): read it again
+        return True
+    raise LabError(f"{key} kept changing while being deleted; is an agent still writing it?")
 
-    Its blocks stay claimed: the agents give them back to the pool after their grace period.
+
+def write(paths: LabPaths, state: LabState, changes: Mapping[str, dict[str, Any] | None]) -> dict[str, str]:
+    """Store each value (None: delete the key); returns per key what happened, in kubectl's words.
+
+    A value equal to the stored one is not written ("unchanged"). The store revision reached
+    is recorded in the state (`api_revision`, saved) for commands to wait on.
     """
 
-    def forget(store: Datastore) -> list[ipaddress.IPv4Network]:
-        for _ in range(DELETE_ATTEMPTS):
-            kv = store.get(NODE_PREFIX + name)
-            if kv is None:
-                break
-            try:
-                store.delete(kv.key, kv.mod_revision)
-            except Conflict:
-                continue  # re-written meanwhile: read it again
-        else:
-            raise LabError(f"node {name}: its datastore object kept changing; is its agent still running?")
-        blocks = (Block.from_json(kv.value) for kv in store.list(BLOCK_PREFIX))
-        return [block.cidr for block in blocks if block.node == name]
+    def apply(store: Datastore) -> tuple[dict[str, str], int]:
+        outcomes: dict[str, str] = {}
+        revision = 0
+        for key, value in changes.items():
+            if value is None:
+                outcomes[key] = "deleted" if _delete(store, key) else "not found"
+                continue
+            current = store.get(key)
+            if current is not None and current.value == value:
+                outcomes[key] = "unchanged"
+                continue
+            revision = max(revision, store.put(key, value))
+            outcomes[key] = "created" if current is None else "configured"
+        if "deleted" in outcomes.values():  # a delete tells no revision: the store's is at least it
+            revision = max(revision, store.snapshot(next(iter(changes))).revision)
+        return outcomes, revision
 
-    return using(paths, state, forget)
+    if not changes:
+        return {}
+    outcomes, revision = using(paths, state, apply)
+    if revision > state.api_revision:
+        state.api_revision = revision
+        save(paths, state)
+    return outcomes
+
+
+def node_blocks(paths: LabPaths, state: LabState, name: str) -> list[ipaddress.IPv4Network]:
+    """The blocks node `name` holds (the agents give them back to the pool after their grace period)."""
+
+    def blocks(store: Datastore) -> list[ipaddress.IPv4Network]:
+        held = (Block.from_json(kv.value) for kv in store.list(BLOCK_PREFIX))
+        return [block.cidr for block in held if block.node == name]
+
+    return using(paths, state, blocks)

@@ -1,7 +1,8 @@
-"""How the lab shows itself to people: rich tables of nodes, pods and reachability.
+"""How the lab shows itself to people: rich tables of nodes, pods, reachability and policy.
 
-Machines get `--output json` (built in `cluster.status_json` and `probe.Matrix.to_json`);
-these tables are for eyes only, shared by the CLI and the demo.
+Machines get `--output json` (built in `cluster.status_json`, `probe.Matrix.to_json` and the
+`to_json` of `policy.Explanation` and `policy.Diff`); these tables are for eyes only, shared by
+the CLI and the demo.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from trellis.lab.cluster import NodeStatus
+from trellis.lab.policy import Diff, Explanation
 from trellis.lab.probe import Matrix
 from trellis.lab.state import LabState
 
@@ -68,4 +70,54 @@ def matrix_table(matrix: Matrix) -> Table:
             "[dim]·[/]" if dst not in row else "[green]✓[/]" if row[dst] else "[red]✗[/]" for dst in names
         ]
         table.add_row(src, *cells)
+    return table
+
+
+def _verdict(allowed: bool) -> str:
+    return "[green]allowed[/]" if allowed else "[red]denied[/]"
+
+
+def explanation_table(explanation: Explanation) -> Table:
+    """One row per decision on the connection's path, with the kernel rule that made it."""
+    e = explanation
+    table = Table(
+        title=f"{e.src} -> {e.dst} {e.protocol} {e.port}: {_verdict(e.allowed)}", title_justify="left"
+    )
+    for column in ("direction", "pod", "node", "verdict", "decided by", "nft chain"):
+        table.add_column(column)
+    table.add_column("packets", justify="right")
+    for step in e.steps:
+        d = step.decision
+        table.add_row(
+            str(d.direction or "-"),
+            d.pod,
+            step.node,
+            _verdict(d.allowed),
+            " ".join(part for part in (d.tier or "", d.policy, d.rule) if part),
+            step.rule.chain if step.rule else "-",
+            "-" if step.packets is None else str(step.packets),
+        )
+    return table
+
+
+def diff_table(diff: Diff) -> Table:
+    """The cells that would change, each with who decides after the change."""
+    summary = diff.to_json()["summary"]
+    table = Table(
+        title=f"{summary['changed']} of {diff.pairs * len(diff.checks)} cells change "
+        f"({summary['allowed']} allowed, {summary['denied']} denied; "
+        f"{', '.join(map(str, diff.checks))})",
+        title_justify="left",
+    )
+    for column in ("check", "from", "to", "before", "after", "decided by (after)"):
+        table.add_column(column)
+    for change in diff.changes:
+        table.add_row(
+            str(change.check),
+            change.src,
+            change.dst,
+            _verdict(not change.after),
+            _verdict(change.after),
+            change.reason,
+        )
     return table

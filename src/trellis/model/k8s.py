@@ -168,11 +168,13 @@ class PodsPeer:
     pods: LabelSelector = EVERYTHING
 
     def selects(self, pod: Pod, namespace_labels: Mapping[str, str]) -> bool:
+        return self.takes_namespace(pod.namespace, namespace_labels) and self.pods.matches(pod.labels)
+
+    def takes_namespace(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        """Whether pods of namespace `namespace` (labelled `labels`) are in scope."""
         if isinstance(self.namespaces, str):
-            in_scope = pod.namespace == self.namespaces
-        else:
-            in_scope = self.namespaces.matches(namespace_labels)
-        return in_scope and self.pods.matches(pod.labels)
+            return namespace == self.namespaces
+        return self.namespaces.matches(labels)
 
     def __str__(self) -> str:
         if isinstance(self.namespaces, str):

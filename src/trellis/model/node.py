@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 NODE_PREFIX = "/trellis/nodes/"
+STATUS_FILE = "status.json"
+"""The file in an agent's state directory that says which datastore revision its kernel reflects
+(written after every reconcile; the lab waits on it)."""
 
 
 @dataclass(frozen=True)

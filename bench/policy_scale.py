@@ -1,0 +1,936 @@
+"""Policy at scale: 1,000 pods and 1,000 policies, from apply to enforcement, and the cost to traffic.
+
+What it measures, on a synthetic cluster (20 namespaces; 1,000 pods labelled app, tier, team and
+version, with named container ports; 1,000 NetworkPolicies of the kinds real clusters hold: app
+selectors, namespace+pod peers, ports by number, by range and by name, ipBlocks with exceptions,
+egress to databases, DNS and the internet, namespace-wide rules; plus five
+ClusterNetworkPolicies in both tiers), its pods spread over three nodes:
+1. compute: what one node's agent does after every change: `read_policy_inputs` over the
+   datastore objects, `compute_policy` for its ~333 local endpoints, `render_table`, and the
+   comparison with the table it last applied. Once for the whole cluster, then after each of
+   several one-policy changes (edit, add, delete: the agent recomputes everything, so these are
+   the figures that count) and after pod ADDs on the node (what every CNI ADD costs the agent
+   at this scale). Plus the batch's size.
+2. kernel apply: each batch through `trellis.dataplane.kernel.nft.apply` (libnftables in
+   process, as the agent does) into a throwaway node namespace. "Apply to enforcement" is the
+   agent's coalescing wait + read + compute + render + compare + apply on one node; the nodes
+   work in parallel, so one node's time is the cluster's. p50/p90 over the changes.
+3. throughput: iperf3 between two pods of that node (host veths named as Trellis names them,
+   attached by `PodNetwork`, routed as Trellis routes), with no table, with the table of a
+   cluster without policies, and with the 1,000-policy table, in which both pods are isolated
+   (egress and ingress) and allowed to talk on the port used. Median of several runs each,
+   the three interleaved so that they share the machine's noise.
+
+Why: the issue's targets are apply to enforcement p50 <= 1 s at 1,000 endpoints and 1,000
+policies, and pod-to-pod throughput with them >= 0.97x of none.
+
+The kernel work runs in a child process (this script with `--worker`) that entered the node
+namespace before exec: a libnftables context and netlink sockets bind to the namespace of the
+thread that opens them, and this process never leaves the machine's own. Every namespace is
+named `trlr-<tag>*` and removed at teardown, which always runs; processes are ended by their
+PIDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import ipaddress
+import itertools
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from trellis.agent.network import COALESCE_S
+from trellis.calc.policy import PolicyInputs, TierKind, compute_policy, read_policy_inputs
+from trellis.calc.policy_oracle import PolicyOracle
+from trellis.dataplane.kernel import nft
+from trellis.dataplane.kernel.netlink import KernelError, SocketPool
+from trellis.dataplane.kernel.netns import enter, netns_path
+from trellis.dataplane.kernel.nft import NftError
+from trellis.dataplane.kernel.pods import PodNetwork
+from trellis.dataplane.render.nft import FAMILY, TABLE, NatState, render_table
+from trellis.model.ipam import Attachment
+from trellis.model.k8s import (
+    CLUSTER_NETWORK_POLICY_PREFIX,
+    NAMESPACE_PREFIX,
+    NETWORK_POLICY_PREFIX,
+    NODE_PREFIX,
+    POD_PREFIX,
+    Direction,
+    Protocol,
+)
+from trellis.model.naming import host_veth_name
+
+NETNS_PREFIX = "trlr"
+"""Prefix of every namespace this benchmark creates (and the only ones it removes)."""
+RESULTS = Path(__file__).resolve().parent / "results" / "policy_scale.json"
+TARGET_ENFORCE_S = 1.0
+"""The issue's target: apply to enforcement on every node, p50, at 1,000 endpoints and policies."""
+TARGET_THROUGHPUT = 0.97
+"""The issue's target: pod-to-pod throughput with 1,000 policies, as a fraction of none."""
+
+NAMESPACES = 20
+PODS = 1000
+POLICIES = 1000
+NODES = ("node-1", "node-2", "node-3")
+NODE = NODES[0]
+"""The node whose agent is measured."""
+POOL = ipaddress.IPv4Network("10.244.0.0/16")
+NODE_BLOCK = 22
+"""Each node's pods take addresses from its own /22 of the pool, as IPAM blocks would place them."""
+MTU = 1500
+APPS: tuple[tuple[str, str, tuple[tuple[str, int, str], ...]], ...] = (
+    ("web", "frontend", (("http", 8080, "TCP"),)),
+    ("api", "backend", (("http", 8080, "TCP"), ("grpc", 9090, "TCP"))),
+    ("auth", "backend", (("http", 8000, "TCP"), ("grpc", 9090, "TCP"))),
+    ("orders", "backend", (("http", 8080, "TCP"),)),
+    ("search", "backend", (("http", 9200, "TCP"),)),
+    ("worker", "backend", ()),
+    ("cache", "data", (("redis", 6379, "TCP"),)),
+    ("db", "data", (("postgres", 5432, "TCP"),)),
+    ("queue", "data", (("amqp", 5672, "TCP"),)),
+    ("dns", "infra", (("dns", 53, "UDP"), ("dns-tcp", 53, "TCP"))),
+)
+"""(app, tier, named container ports); every pod also declares `metrics` 9100/TCP."""
+TEAMS = ("payments", "catalog", "identity", "search", "platform")
+ENVS = ("prod", "staging", "dev")
+THROUGHPUT_PORTS = (5432, 6379, 8080, 9090)
+"""Ports the throughput pair may use: the first on which the oracle finds a pair of the node's
+pods, both isolated (egress at the sender, ingress at the receiver), allowed to connect."""
+UPLINK = "trlr-up"
+"""An uplink (a veth whose peer stays in the node namespace) with a default route: proxy ARP for
+the pods' gateway 169.254.1.1 answers only when the node has a route to it."""
+UPLINK_ADDRESS = "192.0.2.1/24"
+
+Commands = list[dict[str, Any]]
+Objects = dict[str, dict[str, Any]]
+
+
+# -- the synthetic cluster -------------------------------------------------------------------
+
+
+def _match(**labels: str) -> dict[str, Any]:
+    return {"matchLabels": labels}
+
+
+def namespace_name(index: int) -> str:
+    return f"{TEAMS[index % len(TEAMS)]}-{ENVS[index % len(ENVS)]}-{index:02d}"
+
+
+def _namespace(index: int) -> dict[str, Any]:
+    labels = {"team": TEAMS[index % len(TEAMS)], "env": ENVS[index % len(ENVS)]}
+    if index < 2:
+        labels["role"] = ("system", "monitoring")[index]
+    return {"metadata": {"name": namespace_name(index), "labels": labels}}
+
+
+def pod_address(node: int, slot: int) -> ipaddress.IPv4Address:
+    return POOL.network_address + (node << (32 - NODE_BLOCK)) + 2 + slot
+
+
+def _pod(index: int, name_suffix: str = "", slot_offset: int = 0) -> dict[str, Any]:
+    """The `index`th pod: on node index % 3; another one beside it with a suffix and offset."""
+    ns, position = divmod(index, PODS // NAMESPACES)
+    app, tier, ports = APPS[position % len(APPS)]
+    container_ports = [
+        {"name": name, "containerPort": number, "protocol": protocol}
+        for name, number, protocol in (*ports, ("metrics", 9100, "TCP"))
+    ]
+    node, slot = index % len(NODES), index // len(NODES) + slot_offset
+    return {
+        "metadata": {
+            "namespace": namespace_name(ns),
+            "name": f"{app}-{position // len(APPS)}{name_suffix}",
+            "labels": {
+                "app": app,
+                "tier": tier,
+                "team": TEAMS[ns % len(TEAMS)],
+                "version": f"v{position % 3}",
+            },
+        },
+        "spec": {"nodeName": NODES[node], "containers": [{"name": app, "ports": container_ports}]},
+        "status": {"podIP": str(pod_address(node, slot)), "phase": "Running"},
+    }
+
+
+def _node(index: int) -> dict[str, Any]:
+    name = NODES[index]
+    return {
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "zone": f"zone-{index % 2}"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": f"172.30.0.{11 + index}"}]},
+    }
+
+
+def _ingress_rules(kind: int, ns: int, slot: int) -> list[dict[str, Any]]:
+    """Ingress of the policy kinds 0-4, 8 and 9 (5-7 are egress policies)."""
+    named_port = APPS[slot % len(APPS)][2][0][0] if APPS[slot % len(APPS)][2] else "metrics"
+    peer_app = APPS[(slot + 1 + slot // len(APPS)) % len(APPS)][0]
+    team = TEAMS[(ns + slot) % len(TEAMS)]
+    rules: dict[int, list[dict[str, Any]]] = {
+        0: [{"from": [{"podSelector": _match(app=peer_app)}], "ports": [{"port": named_port}]}],
+        1: [
+            {
+                "from": [{"namespaceSelector": _match(team=team), "podSelector": _match(app=peer_app)}],
+                "ports": [{"port": 8080, "protocol": "TCP"}],
+            }
+        ],
+        2: [
+            {
+                "from": [{"podSelector": _match(tier="backend")}],
+                "ports": [{"port": 5432}, {"port": 6379}],
+            }
+        ],
+        3: [{"from": [{"namespaceSelector": _match(role="monitoring")}], "ports": [{"port": "metrics"}]}],
+        4: [
+            {
+                "from": [
+                    {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.244.0.0/16"]}},
+                    {"ipBlock": {"cidr": f"192.168.{slot}.0/24"}},
+                ],
+                "ports": [{"port": 443}, {"port": 8080}],
+            }
+        ],
+        8: [
+            {
+                "from": [{"namespaceSelector": _match(team=team, env="prod")}],
+                "ports": [{"port": 30000, "endPort": 32767, "protocol": "TCP"}],
+            }
+        ],
+        9: [{"from": [{"namespaceSelector": _match(team=TEAMS[ns % len(TEAMS)])}]}],
+    }
+    return rules[kind]
+
+
+def _network_policy(index: int, name_suffix: str = "") -> dict[str, Any]:
+    """The `index`th policy (in namespace index // 50); another one like it with a suffix.
+
+    Ten kinds in turn: 0 from a peer app of the namespace to a named port; 1 from an app of
+    another team's namespaces, by number; 2 the data tier from the backend tier; 3 metrics from
+    monitoring, every pod; 4 from outside by ipBlock; 5 egress to the database and DNS; 6 egress
+    to the internet on HTTPS only (ingress open within the namespace); 7 egress to api's named
+    port in any namespace; 8 a port range from a team's prod namespaces; 9 the team's namespaces.
+    """
+    ns, slot = divmod(index, POLICIES // NAMESPACES)
+    kind = slot % 10
+    app = APPS[slot % len(APPS)][0]
+    selectors = {
+        2: _match(tier="data", version=f"v{slot % 3}"),
+        3: {},
+        8: _match(app=app, version=f"v{slot % 3}"),
+    }
+    spec: dict[str, Any] = {"podSelector": selectors.get(kind, _match(app=app))}
+    if kind == 5:
+        spec["policyTypes"] = ["Egress"]
+        spec["egress"] = [
+            {"to": [{"podSelector": _match(app="db")}], "ports": [{"port": 5432}]},
+            {
+                "to": [{"namespaceSelector": _match(role="system"), "podSelector": _match(app="dns")}],
+                "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+            },
+        ]
+    elif kind == 6:
+        spec["policyTypes"] = ["Ingress", "Egress"]
+        spec["ingress"] = [{"from": [{"podSelector": {}}]}]
+        spec["egress"] = [
+            {
+                "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "172.16.0.0/12"]}}],
+                "ports": [{"port": 443}],
+            }
+        ]
+    elif kind == 7:
+        spec["policyTypes"] = ["Egress"]
+        spec["egress"] = [
+            {"to": [{"namespaceSelector": {}, "podSelector": _match(app="api")}], "ports": [{"port": "grpc"}]}
+        ]
+    else:
+        spec["ingress"] = _ingress_rules(kind, ns, slot)
+    return {
+        "metadata": {"namespace": namespace_name(ns), "name": f"np-{slot:02d}{name_suffix}"},
+        "spec": spec,
+    }
+
+
+def _cluster_policies() -> list[dict[str, Any]]:
+    def cnp(name: str, tier: str, priority: int, subject: dict[str, Any], **rules: Any) -> dict[str, Any]:
+        spec = {"tier": tier, "priority": priority, "subject": subject, **rules}
+        return {"metadata": {"name": name}, "spec": spec}
+
+    every: dict[str, Any] = {"namespaces": {}}
+    dns = {"pods": {"namespaceSelector": _match(role="system"), "podSelector": _match(app="dns")}}
+    monitoring = [
+        {
+            "action": "Accept",
+            "from": [{"namespaces": _match(role="monitoring")}],
+            "protocols": [{"destinationNamedPort": "metrics"}],
+        }
+    ]
+    return [
+        cnp(
+            "no-metadata",
+            "Admin",
+            5,
+            every,
+            egress=[{"action": "Deny", "to": [{"networks": ["169.254.169.254/32"]}]}],
+        ),
+        cnp(
+            "dev-stays-out-of-prod",
+            "Admin",
+            10,
+            {"namespaces": _match(env="prod")},
+            ingress=[{"action": "Deny", "from": [{"namespaces": _match(env="dev")}]}],
+        ),
+        cnp("monitoring-scrapes", "Admin", 20, every, ingress=monitoring),
+        cnp("dns-is-up-to-namespaces", "Admin", 30, every, egress=[{"action": "Pass", "to": [dns]}]),
+        cnp(
+            "dev-isolated",
+            "Baseline",
+            50,
+            every,
+            ingress=[{"action": "Deny", "from": [{"namespaces": _match(env="dev")}]}],
+        ),
+    ]
+
+
+def _keyed(prefix: str, obj: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    meta = obj["metadata"]
+    path = f"{meta['namespace']}/{meta['name']}" if "namespace" in meta else meta["name"]
+    return prefix + path, obj
+
+
+def cluster_objects(policies: bool = True) -> Objects:
+    """The datastore's objects by key, as the agent's view holds them (`policies` False: none)."""
+    objects = dict(
+        [
+            *(_keyed(NAMESPACE_PREFIX, _namespace(i)) for i in range(NAMESPACES)),
+            *(_keyed(POD_PREFIX, _pod(i)) for i in range(PODS)),
+            *(_keyed(NODE_PREFIX, _node(i)) for i in range(len(NODES))),
+        ]
+    )
+    if policies:
+        objects.update(_keyed(NETWORK_POLICY_PREFIX, _network_policy(i)) for i in range(POLICIES))
+        objects.update(_keyed(CLUSTER_NETWORK_POLICY_PREFIX, c) for c in _cluster_policies())
+    return objects
+
+
+def attachment(pod_key: str) -> Attachment:
+    return Attachment(f"ctr-{pod_key.replace('/', '-')}", "eth0")
+
+
+def local_endpoints(objects: Mapping[str, Any], node: str) -> dict[str, str]:
+    """Pod key -> host interface of every pod on `node`, as the agent's IPAM gives them."""
+    return {
+        key.removeprefix(POD_PREFIX): host_veth_name(attachment(key.removeprefix(POD_PREFIX)))
+        for key, value in objects.items()
+        if key.startswith(POD_PREFIX) and value["spec"]["nodeName"] == node
+    }
+
+
+def nat_state(objects: Mapping[str, Any], local: Mapping[str, str]) -> NatState:
+    """What the agent passes besides policy: pools, node addresses, the local pods' sources."""
+    nodes = {ipaddress.IPv4Network(f"172.30.0.{11 + i}/32") for i in range(len(NODES))}
+    sources = frozenset(
+        (interface, ipaddress.IPv4Address(objects[POD_PREFIX + key]["status"]["podIP"]))
+        for key, interface in local.items()
+    )
+    return NatState(frozenset({POOL}), frozenset({POOL, *nodes}), sources)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One write to the cluster, and the objects and local endpoints after it."""
+
+    kind: str
+    """`policy` (a one-policy edit, add or delete) or `pod` (a pod ADD on the measured node)."""
+    what: str
+    objects: Objects
+    local: dict[str, str]
+
+
+def _edited(policy: dict[str, Any], port: int) -> dict[str, Any]:
+    """The policy with TCP `port` added to each of its rules' ports (a rule without ports allows all)."""
+    spec = dict(policy["spec"])
+    for direction in ("ingress", "egress"):
+        if direction in spec:
+            spec[direction] = [
+                {**rule, "ports": [*rule["ports"], {"port": port}]} if "ports" in rule else rule
+                for rule in spec[direction]
+            ]
+    return {**policy, "spec": spec}
+
+
+def one_policy_changes(objects: Objects, local: dict[str, str], count: int) -> Iterator[Change]:
+    """Edits, adds and deletes in turn, each of one policy that selects pods of the measured node."""
+    inputs, _ = read_policy_inputs(objects)
+    here = [pod for pod in inputs.pods.values() if pod.node == NODE]
+    made = 0
+    for index in range(13, 13 + 97 * POLICIES, 97):
+        key, policy = _keyed(NETWORK_POLICY_PREFIX, _network_policy(index % POLICIES))
+        parsed = inputs.network_policies[key.removeprefix(NETWORK_POLICY_PREFIX)]
+        if not any(parsed.subject.selects(pod, {}) for pod in here):
+            continue
+        after = dict(objects)
+        name = key.removeprefix(NETWORK_POLICY_PREFIX)
+        match made % 3:
+            case 0:
+                after[key] = _edited(policy, 10000 + made)
+                what = f"edit {name}"
+            case 1:
+                added, after[added] = _keyed(NETWORK_POLICY_PREFIX, _network_policy(index % POLICIES, "-new"))
+                what = f"add {added.removeprefix(NETWORK_POLICY_PREFIX)}"
+            case _:
+                del after[key]
+                what = f"delete {name}"
+        yield Change("policy", what, after, local)
+        made += 1
+        if made == count:
+            return
+
+
+def pod_adds(objects: Objects, local: dict[str, str], count: int) -> Iterator[Change]:
+    """A new replica beside an existing pod of the measured node: its Pod object and its endpoint."""
+    for n in range(count):
+        index = (n * 37 * len(NODES)) % PODS  # a pod of node-1
+        key, pod = _keyed(POD_PREFIX, _pod(index, name_suffix="-new", slot_offset=PODS // len(NODES) + n))
+        pod_key = key.removeprefix(POD_PREFIX)
+        endpoint = host_veth_name(attachment(pod_key))
+        yield Change("pod", f"ADD {pod_key}", {**objects, key: pod}, {**local, pod_key: endpoint})
+
+
+# -- compute -----------------------------------------------------------------------------------
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def agent_pass(
+    objects: Objects, local: dict[str, str], last: Commands | None
+) -> tuple[Commands, dict[str, float]]:
+    """What the agent's reconcile does for policy, step by step: the batch and each step's ms."""
+    started = time.perf_counter()
+    inputs, errors = read_policy_inputs(objects)
+    assert not errors, errors
+    read = _ms(started)
+    started = time.perf_counter()
+    state = compute_policy(inputs, NODE, local)
+    assert not state.problems, state.problems
+    compute = _ms(started)
+    started = time.perf_counter()
+    commands = render_table(nat_state(objects, local), state)
+    render = _ms(started)
+    started = time.perf_counter()
+    if commands == last:
+        raise AssertionError("a change that changes nothing measures nothing")
+    compare = _ms(started)
+    return commands, {"read": read, "compute": compute, "render": render, "compare": compare}
+
+
+def batch_size(commands: Commands) -> dict[str, int]:
+    added = [next(iter(c["add"].items())) for c in commands if "add" in c]
+    sets = [body for kind, body in added if kind == "set"]
+    maps = [body for kind, body in added if kind == "map"]
+    return {
+        "commands": len(commands),
+        "rules": sum(1 for kind, _ in added if kind == "rule"),
+        "chains": sum(1 for kind, _ in added if kind == "chain"),
+        "sets": len(sets),
+        "set elements": sum(len(s.get("elem", [])) for s in sets),
+        "map elements": sum(len(m.get("elem", [])) for m in maps),
+        "JSON bytes": len(json.dumps({"nftables": commands})),
+    }
+
+
+# -- the kernel side: a worker inside the node namespace --------------------------------------
+
+
+def _serve(request: dict[str, Any], pods: PodNetwork) -> dict[str, Any]:
+    match request["op"]:
+        case "apply":
+            commands = json.loads(Path(request["batch"]).read_text())
+            started = time.perf_counter()
+            nft.apply(commands)
+            return {"ms": _ms(started)}
+        case "clear":
+            table = {"table": {"family": FAMILY, "name": TABLE}}
+            nft.apply([{"add": table}, {"delete": table}])
+            return {}
+        case "attach":
+            attachment = Attachment(request["container_id"], "eth0")
+            address = ipaddress.IPv4Address(request["address"])
+            return {"host": pods.attach(attachment, request["netns"], address, MTU).host_name}
+    return {"error": f"unknown request {request['op']}"}
+
+
+def worker(stdin: IO[str], stdout: IO[str]) -> int:
+    """`--worker`: serve JSON requests, one a line, inside the namespace this process was started in."""
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+    pods = PodNetwork(SocketPool())
+    for line in stdin:
+        try:
+            reply = _serve(json.loads(line), pods)
+        except (NftError, KernelError, OSError) as err:
+            reply = {"error": f"{type(err).__name__}: {err}"}
+        stdout.write(json.dumps(reply) + "\n")
+        stdout.flush()
+    return 0
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@dataclass
+class Scratch:
+    """What one run creates, so that teardown removes exactly that and nothing else."""
+
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="trlr-")))
+    namespaces: list[str] = field(default_factory=list)
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def add_netns(self, role: str = "") -> str:
+        name = f"{NETNS_PREFIX}-{self.tag}" + (f"-{role}" if role else "")
+        self.namespaces.append(name)  # recorded first: a half-made one is deleted as well
+        _ip("netns", "add", name)
+        return name
+
+    def start(self, args: list[str], netns: str, piped: bool = False) -> subprocess.Popen[str]:
+        """A process inside `netns` (stdin and stdout piped, or none), ended at teardown by its PID."""
+        stream = subprocess.PIPE if piped else subprocess.DEVNULL
+        process = subprocess.Popen(
+            args,
+            stdin=stream,
+            stdout=stream,
+            stderr=None if piped else subprocess.DEVNULL,
+            text=True,
+            preexec_fn=functools.partial(enter, netns),  # noqa: PLW1509 - setns only, before exec
+        )
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for name in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+        self.namespaces.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextmanager
+def scratch() -> Iterator[Scratch]:
+    made = Scratch()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+class Worker:
+    """This script's `--worker` inside the node namespace, spoken to a line at a time."""
+
+    def __init__(self, run: Scratch, node: str) -> None:
+        self._run = run
+        self._process = run.start([sys.executable, __file__, "--worker"], node, piped=True)
+        self._batches = 0
+
+    def _ask(self, **request: Any) -> dict[str, Any]:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the worker exited with {self._process.wait()}")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+    def apply(self, batch: str) -> float:
+        """Apply a batch (JSON text) as the agent does; the ms `nft.apply` took (JSON encoding included)."""
+        self._batches += 1
+        path = self._run.tmp / f"batch-{self._batches}.json"
+        path.write_text(batch)
+        ms = float(self._ask(op="apply", batch=str(path))["ms"])
+        path.unlink()
+        return ms
+
+    def clear(self) -> None:
+        self._ask(op="clear")
+
+    def attach(self, container_id: str, netns: str, address: ipaddress.IPv4Address) -> str:
+        return str(
+            self._ask(op="attach", container_id=container_id, netns=netns_path(netns), address=str(address))[
+                "host"
+            ]
+        )
+
+
+def build_node(run: Scratch) -> str:
+    """The node namespace: lo up, an uplink with an address and a default route."""
+    node = run.add_netns()
+    for args in (
+        "link set lo up",
+        f"link add {UPLINK} type veth peer name {UPLINK}1",
+        f"addr add {UPLINK_ADDRESS} dev {UPLINK}",
+        f"link set {UPLINK}1 up",
+        f"link set {UPLINK} up",
+        f"route add default via {ipaddress.IPv4Interface(UPLINK_ADDRESS).network[-2]} dev {UPLINK}",
+    ):
+        _ip("-n", node, *args.split())
+    return node
+
+
+# -- throughput ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: str
+    target: str
+    port: int
+    decisions: str
+    """The oracle's words for why the connection is allowed."""
+
+
+def throughput_pair(inputs: PolicyInputs, local: Mapping[str, str]) -> Pair:
+    """Two pods of the node, isolated at both ends by NetworkPolicies, allowed to connect."""
+    oracle = PolicyOracle(inputs, local)
+    state = oracle.state(NODE)
+
+    def isolated(key: str, direction: Direction) -> bool:
+        return any(t.kind is TierKind.NETWORK_POLICY for t in state.endpoints[local[key]].tiers(direction))
+
+    senders = [key for key in sorted(local) if isolated(key, Direction.EGRESS)]
+    receivers = [key for key in sorted(local) if isolated(key, Direction.INGRESS)]
+    for port in THROUGHPUT_PORTS:
+        for source in senders:
+            for target in receivers:
+                if source != target:
+                    verdict = oracle.evaluate(source, target, port, Protocol.TCP)
+                    if verdict.allowed and all(d.tier is TierKind.NETWORK_POLICY for d in verdict.decisions):
+                        return Pair(source, target, port, str(verdict))
+    raise AssertionError("no pair of the node's pods is isolated at both ends and allowed to connect")
+
+
+def iperf3(run: Scratch, source: str, address: ipaddress.IPv4Address, port: int, seconds: int) -> float:
+    """One iperf3 TCP run from namespace `source`; received Gbit/s."""
+    client = run.start(
+        ["iperf3", "-c", str(address), "-p", str(port), "-t", str(seconds), "-J"], source, piped=True
+    )
+    out, _ = client.communicate(timeout=seconds + 30)
+    report = json.loads(out or "{}")
+    if client.returncode != 0 or "error" in report:
+        raise RuntimeError(f"iperf3 -c {address} -p {port} failed: {report.get('error', client.returncode)}")
+    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def wait_listening(netns: str, port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not subprocess.run(
+        ["ip", "netns", "exec", netns, "ss", "-Hltn", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on {port} in {netns} after {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def measure_throughput(
+    run: Scratch,
+    worker: Worker,
+    tables: Mapping[str, str | None],
+    pair: Pair,
+    objects: Objects,
+    runs: int,
+    seconds: int,
+) -> dict[str, list[float]]:
+    """iperf3 from the pair's source pod to its target, `runs` times per table (a batch, or None
+    for no table at all), the tables interleaved."""
+    pods = {}
+    for role, key in (("src", pair.source), ("dst", pair.target)):
+        netns = run.add_netns(role)
+        address = ipaddress.IPv4Address(objects[POD_PREFIX + key]["status"]["podIP"])
+        host = worker.attach(attachment(key).container_id, netns, address)
+        assert host == host_veth_name(attachment(key)), host
+        pods[role] = (netns, address)
+    dst_netns, dst_address = pods["dst"]
+    run.start(["iperf3", "-s", "-p", str(pair.port)], dst_netns)
+    wait_listening(dst_netns, pair.port)
+    samples: dict[str, list[float]] = {name: [] for name in tables}
+    for _ in range(runs):
+        for name, batch in tables.items():
+            if batch is None:
+                worker.clear()
+            else:
+                worker.apply(batch)
+            samples[name].append(iperf3(run, pods["src"][0], dst_address, pair.port, seconds))
+    return samples
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if len(values) == 1:
+        return {"p50": round(values[0], 2), "p90": round(values[0], 2)}
+    cuts = statistics.quantiles(values, n=10, method="inclusive")
+    return {"p50": round(statistics.median(values), 2), "p90": round(cuts[8], 2)}
+
+
+STEPS = ("read", "compute", "render", "compare")
+"""The agent's steps in this process; then `apply`, in the node namespace."""
+POLICIES_TABLE = f"{POLICIES:,} policies"
+
+
+def measure_compute(
+    objects: Objects, local: dict[str, str], args: argparse.Namespace
+) -> tuple[Commands, dict[str, list[float]], list[tuple[dict[str, Any], str]]]:
+    """The whole cluster's batch and its steps' ms; then each change's record and batch (JSON).
+
+    Batches are kept as JSON text, which the garbage collector does not walk, so the heap stays
+    the agent's: the objects and the last table.
+    """
+    full: dict[str, list[float]] = {step: [] for step in STEPS}
+    commands: Commands = []
+    for _ in range(args.repeat):
+        commands, ms = agent_pass(objects, local, None)
+        for step in STEPS:
+            full[step].append(ms[step])
+    passes = []
+    changes = itertools.chain(
+        one_policy_changes(objects, local, args.changes), pod_adds(objects, local, args.pod_adds)
+    )
+    for change in changes:
+        after, ms = agent_pass(change.objects, change.local, commands)
+        record = {"kind": change.kind, "what": change.what, "ms": {k: round(v, 2) for k, v in ms.items()}}
+        passes.append((record, json.dumps(after)))
+        del after, change
+    return commands, full, passes
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    objects = cluster_objects()
+    local = local_endpoints(objects, NODE)
+    commands, full, passes = measure_compute(objects, local, args)
+    result: dict[str, Any] = {
+        "benchmark": "policy_scale",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "cluster": {
+            "namespaces": NAMESPACES,
+            "pods": PODS,
+            "network_policies": POLICIES,
+            "cluster_network_policies": len(_cluster_policies()),
+            "nodes": len(NODES),
+            "local_endpoints": len(local),
+        },
+        "targets": {"apply_to_enforcement_p50_s": TARGET_ENFORCE_S, "throughput_ratio": TARGET_THROUGHPUT},
+        "batch": batch_size(commands),
+        "full_ms": {step: percentiles(values) for step, values in full.items()},
+        "coalesce_ms": COALESCE_S * 1000,
+        "changes": [record for record, _ in passes],
+    }
+    if not args.skip_kernel:
+        with scratch() as run:
+            kernel = Worker(run, build_node(run))
+            batch = json.dumps(commands)
+            result["full_ms"]["first apply"] = percentiles([kernel.apply(batch)])
+            result["full_ms"]["apply"] = percentiles([kernel.apply(batch) for _ in range(args.repeat)])
+            for record, change_batch in passes:
+                record["ms"]["apply"] = round(kernel.apply(change_batch), 2)
+            inputs, _ = read_policy_inputs(objects)
+            pair = throughput_pair(inputs, local)
+            empty = cluster_objects(policies=False)
+            empty_inputs, _ = read_policy_inputs(empty)
+            open_table = render_table(nat_state(empty, local), compute_policy(empty_inputs, NODE, local))
+            tables = {"no table": None, "no policies": json.dumps(open_table), POLICIES_TABLE: batch}
+            samples = measure_throughput(run, kernel, tables, pair, objects, args.runs, args.seconds)
+        result["throughput"] = {
+            "pair": {
+                "source": pair.source,
+                "target": pair.target,
+                "port": pair.port,
+                "oracle": pair.decisions,
+            },
+            "seconds": args.seconds,
+            "gbit_s": samples,
+            "median_gbit_s": {name: round(statistics.median(values), 2) for name, values in samples.items()},
+        }
+    result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+    return result
+
+
+def enforcement(result: dict[str, Any], kind: str) -> dict[str, float] | None:
+    """Apply to enforcement in ms per change of `kind`: coalescing wait + the agent's steps."""
+    totals = [
+        result["coalesce_ms"] + sum(c["ms"][step] for step in (*STEPS, "apply"))
+        for c in result["changes"]
+        if c["kind"] == kind and "apply" in c["ms"]
+    ]
+    return percentiles(totals) if totals else None
+
+
+def _table(title: str, columns: list[str]) -> Table:
+    table = Table(title=title)
+    for n, column in enumerate(columns):
+        table.add_column(column, justify="right" if n else "left")
+    return table
+
+
+def _verdict(met: bool) -> str:
+    return "[green]met[/]" if met else "[red]missed[/]"
+
+
+STEP_WORDS = {
+    "read": "read_policy_inputs: parse every object",
+    "compute": "compute_policy: the node's endpoints",
+    "render": "render_table",
+    "compare": "compare with the last table (the agent applies only a different one)",
+    "apply": "nft.apply: libnftables, the whole table replaced in one transaction",
+}
+
+
+def _cells(figures: dict[str, float] | None) -> list[str]:
+    return [f"{figures['p50']:.0f}", f"{figures['p90']:.0f}"] if figures else ["", ""]
+
+
+def _step(result: dict[str, Any], kind: str, step: str) -> dict[str, float] | None:
+    values = [c["ms"][step] for c in result["changes"] if c["kind"] == kind and step in c["ms"]]
+    return percentiles(values) if values else None
+
+
+def render_agent(console: Console, result: dict[str, Any]) -> None:
+    cluster = result["cluster"]
+    table = _table(
+        f"{cluster['local_endpoints']} endpoints of {cluster['pods']:,} pods, "
+        f"{cluster['network_policies']:,} NPs + {cluster['cluster_network_policies']} CNPs: one node, ms",
+        ["", "cluster p50", "p90", "1 policy p50", "p90", "pod ADD p50", "p90"],
+    )
+    for step in (*STEPS, "apply"):
+        full = result["full_ms"].get(step)
+        table.add_row(
+            step, *_cells(full), *_cells(_step(result, "policy", step)), *_cells(_step(result, "pod", step))
+        )
+    coalesce = f"{result['coalesce_ms']:.0f}"
+    table.add_row("coalesce wait", "", "", coalesce, "", coalesce, "")
+    policy, pod = enforcement(result, "policy"), enforcement(result, "pod")
+    if policy and pod:
+        table.add_row("[bold]to enforcement[/]", "", "", *_cells(policy), *_cells(pod))
+    console.print(table)
+    for step, words in STEP_WORDS.items():
+        console.print(f"  {step}: {words}")
+    if "first apply" in result["full_ms"]:
+        console.print(
+            f"  first apply, into an empty namespace: {result['full_ms']['first apply']['p50']:.0f} ms"
+        )
+    if policy:
+        target = result["targets"]["apply_to_enforcement_p50_s"] * 1000
+        console.print(
+            f"apply to enforcement after a one-policy change, p50 {policy['p50']:.0f} ms "
+            f"(target <= {target:.0f} ms): {_verdict(policy['p50'] <= target)}"
+        )
+
+
+def render_throughput(console: Console, result: dict[str, Any]) -> None:
+    through = result["throughput"]
+    medians = through["median_gbit_s"]
+    pair = through["pair"]
+    target = result["targets"]["throughput_ratio"]
+    table = _table(
+        f"iperf3 {pair['source']} -> {pair['target']} TCP/{pair['port']}, {through['seconds']} s runs",
+        ["table", "Gbit/s median", "runs", "ratio", "target", ""],
+    )
+    for name, values in through["gbit_s"].items():
+        ratio = medians[name] / medians["no table"]
+        judged = name == POLICIES_TABLE
+        table.add_row(
+            name,
+            f"{medians[name]:.2f}",
+            " ".join(f"{v:.2f}" for v in values),
+            f"{ratio:.3f}",
+            f">= {target}" if judged else "",
+            _verdict(ratio >= target) if judged else "",
+        )
+    console.print(table)
+    console.print(f"  ratio: to no table at all; the pair, by the oracle: {pair['oracle']}")
+
+
+def render(result: dict[str, Any]) -> None:
+    console = Console()
+    render_agent(console, result)
+    sizes = _table("The node's batch", ["", "count"])
+    for name, count in result["batch"].items():
+        sizes.add_row(name, f"{count:,}")
+    console.print(sizes)
+    if "throughput" in result:
+        render_throughput(console, result)
+    start, end = result["loadavg_1min"]
+    console.print(f"1-minute load average at start {start:.2f}, at end {end:.2f} (other work adds noise)")
+
+
+def _terminate(signum: int, _frame: object) -> NoReturn:
+    sys.exit(128 + signum)  # unwinds through the teardown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else None)
+    parser.add_argument("--changes", type=int, default=12, help="one-policy changes measured (default 12)")
+    parser.add_argument("--pod-adds", type=int, default=6, help="pod ADDs measured (default 6)")
+    parser.add_argument("--repeat", type=int, default=5, help="whole-cluster passes measured (default 5)")
+    parser.add_argument("--runs", type=int, default=3, help="iperf3 runs per table (default 3)")
+    parser.add_argument("--seconds", type=int, default=5, help="seconds per iperf3 run (default 5)")
+    parser.add_argument("--skip-kernel", action="store_true", help="compute only (no root, no namespaces)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON file (default {RESULTS})")
+    parser.add_argument("--output", choices=["table", "json"], default="table")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(sys.stdin, sys.stdout)
+    if min(args.changes, args.pod_adds, args.repeat, args.runs) < 1:
+        parser.error("--changes, --pod-adds, --repeat and --runs must be at least 1")
+    if not args.skip_kernel and os.geteuid() != 0:
+        parser.error("needs root: it creates network namespaces (or --skip-kernel)")
+    signal.signal(signal.SIGTERM, _terminate)
+    result = measure(args)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    if args.output == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        render(result)
+        print(f"written to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
