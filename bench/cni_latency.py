@@ -27,29 +27,24 @@ namespace is never changed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
-import os
-import platform
 import re
 import secrets
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from common.host import Scratch, ip, scratch
+from common.lab import TRELLIS
+from common.report import count, finish_facts, load_line, main, run_facts, table, verdict
 from trellis.cni.install import install
 from trellis.dataplane.kernel.netns import enter, netns_path
 from trellis.lab.runtime import CniRuntime, PluginError
@@ -64,7 +59,6 @@ UPLINK_NET = "192.0.2"
 TARGET_RATIO = 1.5
 """The issue's target: Trellis ADD and DEL p50 at most this multiple of the reference."""
 AGENT_READY_S = 30.0
-RESULTS = Path(__file__).resolve().parent / "results" / "cni_latency.json"
 AGENT_DONE = re.compile(r"\b(ADD|DEL) (\S+) done in ([0-9.]+) ms")
 
 Samples = dict[str, list[float]]
@@ -73,84 +67,39 @@ Probe = Callable[[int, bool], dict[str, float]]
 """One step of an iteration: (iteration, measured?) -> {quantity: milliseconds}."""
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-@dataclass
-class Scratch:
-    """What one run creates, so that teardown removes exactly that and nothing else."""
-
-    tag: str = field(default_factory=lambda: secrets.token_hex(3))
-    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="trlb-")))
-    namespaces: list[str] = field(default_factory=list)
-    agent: subprocess.Popen[bytes] | None = None
-
-    def add_netns(self, role: str) -> str:
-        name = f"{NETNS_PREFIX}-{self.tag}-{role}"
-        _ip("netns", "add", name)
-        self.namespaces.append(name)
-        return name
-
-    def close(self) -> None:
-        if self.agent is not None and self.agent.poll() is None:
-            self.agent.terminate()
-            try:
-                self.agent.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.agent.kill()
-                self.agent.wait()
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
-        self.namespaces.clear()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-@contextmanager
-def scratch() -> Iterator[Scratch]:
-    made = Scratch()
-    try:
-        yield made
-    finally:
-        made.close()
-
-
 def build_node(run: Scratch) -> str:
     """The node namespace: lo up, uplink `trlb-up` with an address and a default route."""
-    node = run.add_netns("node")
-    gateway = run.add_netns("gw")
-    _ip("-n", node, "link", "add", "trlb-up", "type", "veth", "peer", "name", "trlb-down", "netns", gateway)
+    node = run.netns("node")
+    gateway = run.netns("gw")
+    ip("-n", node, "link", "add", "trlb-up", "type", "veth", "peer", "name", "trlb-down", "netns", gateway)
     for netns, ifname, host in ((node, "trlb-up", 2), (gateway, "trlb-down", 1)):
-        _ip("-n", netns, "link", "set", "lo", "up")
-        _ip("-n", netns, "addr", "add", f"{UPLINK_NET}.{host}/24", "dev", ifname)
-        _ip("-n", netns, "link", "set", ifname, "up")
-    _ip("-n", node, "route", "add", "default", "via", f"{UPLINK_NET}.1")
+        ip("-n", netns, "addr", "add", f"{UPLINK_NET}.{host}/24", "dev", ifname)
+        ip("-n", netns, "link", "set", ifname, "up")
+    ip("-n", node, "route", "add", "default", "via", f"{UPLINK_NET}.1")
     return node
 
 
-def start_agent(run: Scratch, node: str, socket: Path) -> Path:
-    """Start `trellis agent` inside `node`; returns its log file."""
-    trellis = Path(sys.executable).with_name("trellis")
+def start_agent(run: Scratch, node: str, socket: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `trellis agent` inside `node` (ended by PID at teardown); returns it and its log file."""
     log = run.tmp / "agent.log"
     with log.open("wb") as out:
-        run.agent = subprocess.Popen(
-            [str(trellis), "agent", "--node", "bench", "--socket", str(socket), "--state-dir", str(run.tmp)],
+        agent = subprocess.Popen(
+            [TRELLIS, "agent", "--node", "bench", "--socket", str(socket), "--state-dir", str(run.tmp)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=functools.partial(enter, node),  # noqa: PLW1509 - no other thread runs yet
         )
-    return log
+    return run.track(agent), log
 
 
-def wait_ready(run: Scratch, runtime: CniRuntime, log: Path) -> None:
+def wait_ready(agent: subprocess.Popen[bytes], runtime: CniRuntime, log: Path) -> None:
     """Poll CNI STATUS through the plugin until the agent answers, or fail at the deadline."""
-    assert run.agent is not None
     deadline = time.monotonic() + AGENT_READY_S
     while True:
-        if run.agent.poll() is not None:
+        if agent.poll() is not None:
             tail = log.read_text()[-2000:]
-            raise RuntimeError(f"trellis agent exited with {run.agent.returncode}:\n{tail}")
+            raise RuntimeError(f"trellis agent exited with {agent.returncode}:\n{tail}")
         try:
             runtime.status()
             return
@@ -206,7 +155,7 @@ def attach_probe(run: Scratch, name: str, runtime: CniRuntime) -> Probe:
     """
 
     def probe(i: int, measured: bool) -> dict[str, float]:
-        pod = netns_path(run.add_netns(f"{name[:3]}{i}"))
+        pod = netns_path(run.netns(f"{name[:3]}{i}", loopback=False))
         container_id = secrets.token_hex(32)
         args = {
             "IgnoreUnknown": "1",  # the reference plugins refuse unknown CNI_ARGS without it
@@ -293,28 +242,21 @@ def ratios(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     }
 
 
-def _table(title: str, columns: list[str]) -> Table:
-    table = Table(title=title)
-    for n, column in enumerate(columns):
-        table.add_column(column, justify="right" if n else "left")
-    return table
-
-
 def render(result: dict[str, Any]) -> None:
     summary: dict[str, dict[str, float]] = result["ms"]
     ratio: dict[str, dict[str, float]] = result["ratio"]
     console = Console()
-    table = _table(
+    latency = table(
         f"CNI latency, ms ({result['count']} pods each; target: ratio p50 <= {TARGET_RATIO})",
         ["", "trellis p50", "p90", "reference p50", "p90", "ratio p50", "p90", "target"],
     )
     for command in ("ADD", "DEL"):
         mine, ref, r = summary[f"trellis {command}"], summary[f"reference {command}"], ratio[command]
-        met = "[green]met[/]" if r["p50"] <= TARGET_RATIO else "[red]missed[/]"
+        met = verdict(r["p50"] <= TARGET_RATIO)
         figures = [mine["p50"], mine["p90"], ref["p50"], ref["p90"]]
-        table.add_row(command, *(f"{v:.1f}" for v in figures), f"{r['p50']:.2f}x", f"{r['p90']:.2f}x", met)
-    console.print(table)
-    parts = _table("Start-up and agent time, ms", ["", "p50", "p90"])
+        latency.add_row(command, *(f"{v:.1f}" for v in figures), f"{r['p50']:.2f}x", f"{r['p90']:.2f}x", met)
+    console.print(latency)
+    parts = table("Start-up and agent time, ms", ["", "p50", "p90"])
     for quantity, label in (
         ("trellis VERSION", "trellis plugin start-up alone (VERSION, no agent)"),
         ("trellis STATUS", "trellis STATUS (start-up + one agent round trip)"),
@@ -329,8 +271,7 @@ def render(result: dict[str, Any]) -> None:
         rest = summary["trellis ADD"]["p50"] - summary["trellis VERSION"]["p50"] - summary["agent ADD"]["p50"]
         parts.add_row("rest of trellis ADD: socket, dispatch (p50 difference)", f"{rest:.1f}", "")
     console.print(parts)
-    start, end = result["loadavg_1min"]
-    console.print(f"1-minute load average at start {start:.2f}, at end {end:.2f} (other work adds noise)")
+    console.print(load_line(result))
 
 
 def _interpreter(plugin: Path) -> dict[str, str]:
@@ -343,18 +284,18 @@ def _interpreter(plugin: Path) -> dict[str, str]:
 
 
 def measure(count: int, warmup: int) -> dict[str, Any]:
-    load_before = os.getloadavg()[0]
-    with scratch() as run, ExitStack() as stack:
+    facts = run_facts()
+    with scratch(NETNS_PREFIX) as run, ExitStack() as stack:
         node = build_node(run)
         bin_dir, conf_dir, socket = run.tmp / "bin", run.tmp / "net.d", run.tmp / "agent.sock"
         plugin, trellis_conf = install(bin_dir, conf_dir, socket)
-        log = start_agent(run, node, socket)
+        agent, log = start_agent(run, node, socket)
         ref_conf = reference_conflist(conf_dir, run.tmp / "host-local")
         trellis = stack.enter_context(CniRuntime(trellis_conf, [bin_dir], run.tmp / "cache-trellis", node))
         reference = stack.enter_context(
             CniRuntime(ref_conf, [REFERENCE_CNI_PATH], run.tmp / "cache-ref", node)
         )
-        wait_ready(run, trellis, log)
+        wait_ready(agent, trellis, log)
         rivals = [attach_probe(run, "trellis", trellis), attach_probe(run, "reference", reference)]
         extras = [
             timed_probe("trellis VERSION", version(trellis, plugin)),
@@ -368,13 +309,10 @@ def measure(count: int, warmup: int) -> dict[str, Any]:
     summary = summarize(samples)
     return {
         "benchmark": "cni_latency",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **finish_facts(facts),
         "count": count,
         "warmup": warmup,
         "interpreter": interpreter,
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "loadavg_1min": [load_before, os.getloadavg()[0]],
         "reference": "Debian containernetworking-plugins bridge + host-local, cniVersion 1.0.0",
         "target": f"trellis ADD and DEL p50 <= {TARGET_RATIO}x reference",
         "ms": summary,
@@ -383,32 +321,19 @@ def measure(count: int, warmup: int) -> dict[str, Any]:
     }
 
 
-def _terminate(signum: int, _frame: object) -> NoReturn:
-    sys.exit(128 + signum)  # unwinds through the teardown
-
-
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else None)
-    parser.add_argument("--count", type=int, default=100, help="measured pods per plugin (default 100)")
-    parser.add_argument("--warmup", type=int, default=5, help="unmeasured iterations first (default 5)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON file (default {RESULTS})")
-    parser.add_argument("--output", choices=["table", "json"], default="table")
-    args = parser.parse_args(argv)
-    if args.count < 2:
-        parser.error("--count must be at least 2")
-    if os.geteuid() != 0:
-        parser.error("needs root: it creates network namespaces")
-    signal.signal(signal.SIGTERM, _terminate)
-    result = measure(args.count, args.warmup)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
-    if args.output == "json":
-        print(json.dumps({k: v for k, v in result.items() if k != "samples_ms"}, indent=2))
-    else:
-        render(result)
-        print(f"written to {args.results}")
-    return 0
+    parser.add_argument("--count", type=count(2), default=100, help="measured pods per plugin (default 100)")
+    parser.add_argument("--warmup", type=count(0), default=5, help="unmeasured iterations first (default 5)")
+    return main(
+        parser,
+        lambda args: measure(args.count, args.warmup),
+        render,
+        "cni_latency",
+        argv,
+        omit=("samples_ms",),
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -18,8 +18,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
-STOP_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 10.0
+P = TypeVar("P", bound="subprocess.Popen[Any]")
 
 
 class BenchError(RuntimeError):
@@ -57,14 +59,15 @@ class Scratch:
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="trl-bench-")))
     namespaces: list[str] = field(default_factory=list)
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: list[subprocess.Popen[Any]] = field(default_factory=list)
 
-    def netns(self, role: str) -> str:
-        """Create namespace `<prefix>-<tag>-<role>` with its loopback up; recorded before it exists."""
+    def netns(self, role: str, loopback: bool = True) -> str:
+        """Create `<prefix>-<tag>-<role>` (loopback up unless told); recorded before it exists."""
         name = f"{self.prefix}-{self.tag}-{role}"
         self.namespaces.append(name)
         ip("netns", "add", name)
-        ip("-n", name, "link", "set", "lo", "up")
+        if loopback:
+            ip("-n", name, "link", "set", "lo", "up")
         return name
 
     def spawn(self, argv: Sequence[str], log: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -74,8 +77,12 @@ class Scratch:
             proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
+        return self.track(proc), path
+
+    def track(self, proc: P) -> P:
+        """Record `proc`, started by the caller, to be ended by PID at `close()`."""
         self.processes.append(proc)
-        return proc, path
+        return proc
 
     def close(self) -> None:
         for proc in reversed(self.processes):
@@ -87,7 +94,7 @@ class Scratch:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[Any]) -> None:
     """End `proc` by its PID: SIGTERM, SIGKILL if it is still there after a few seconds."""
     if proc.poll() is not None:
         return

@@ -58,6 +58,17 @@ def load_line(facts: dict[str, Any]) -> str:
     return f"1-minute load average at start {start:.2f}, at end {end:.2f} (other work adds noise)"
 
 
+def count(least: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer of at least `least`."""
+
+    def convert(text: str) -> int:
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer of at least {least}")
+        return int(text)
+
+    return convert
+
+
 def _terminate(signum: int, _frame: object) -> NoReturn:
     sys.exit(128 + signum)  # unwinds through every teardown
 
@@ -68,8 +79,10 @@ def main(
     render: Callable[[dict[str, Any]], None],
     name: str,
     argv: list[str] | None = None,
+    omit: Sequence[str] = (),
 ) -> int:
-    """Parse, check for root, measure, write `results/<name>.json`, print a table (or the JSON)."""
+    """Parse, check for root, measure, write `results/<name>.json`, print a table (or the JSON
+    without the keys `omit`, e.g. raw samples)."""
     default = RESULTS_DIR / f"{name}.json"
     parser.add_argument("--results", type=Path, default=default, help=f"JSON file (default {default})")
     parser.add_argument("--output", choices=["table", "json"], default="table", help="default table")
@@ -85,7 +98,7 @@ def main(
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2) + "\n")
     if args.output == "json":
-        print(json.dumps(result, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k not in omit}, indent=2))
     else:
         render(result)
         print(f"written to {args.results}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.labs import LAB_ROOT, TRELLIS, Lab, built, netns_names, pods_manifest
+from tests.e2e.labs import LAB_ROOT, TRELLIS, built, netns_names, pods_manifest
 from tests.helpers import wait_until
 from trellis.datastore.sqlite import SqliteDatastore
 
@@ -202,18 +202,6 @@ def test_host_gw_across_subnets_routes_within_a_subnet_only_and_says_why(tmp_pat
         assert lab.route_to("node-1", lab.pod("default/p3")["ip"]) is not None
         matrix = lab.probe("--port", "80", "--protocol", "TCP")["matrix"]
         assert matrix["default/p1"] == {"default/p2": False, "default/p3": True}
-
-
-def test_a_bgp_lab_starts_and_warns_that_cross_node_routing_is_not_built(tmp_path: Path) -> None:
-    lab = Lab(tmp_path)
-    try:
-        out = lab.run("up", "--nodes", "2", "--backend", "bgp")
-        assert "warning: backend bgp: agents start, but cross-node routing is not built yet" in out
-        lab.apply(pods_manifest({"p1": "node-1", "p2": "node-1"}))
-        matrix = lab.probe("--port", "80", "--protocol", "TCP")["matrix"]
-        assert matrix["default/p1"]["default/p2"] is True
-    finally:
-        lab.down()
 
 
 def test_apply_names_the_node_that_did_not_program_a_new_pod(tmp_path: Path) -> None:

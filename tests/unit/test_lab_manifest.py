@@ -82,7 +82,7 @@ POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
         (
             POD + "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
             "m.yaml: document 2: kind 'Deployment' is not supported by the lab "
-            "(supported: Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy)",
+            "(supported: Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy, BGPConfiguration, BGPPeer)",
         ),
         ("kind: Pod\nmetadata: {name: p\n", "m.yaml: invalid YAML at line 3, column 1"),
         ("- just\n- a list\n", "m.yaml: document 1: not a mapping"),
@@ -197,3 +197,45 @@ def test_refuses_invalid_policies_naming_document_kind_name_and_field(text: str,
 
 def test_empty_documents_are_skipped() -> None:
     assert parse("---\n---\n", "m") == []
+
+
+def test_bgp_objects_are_checked_by_the_agents_parsers_and_keyed_by_kind() -> None:
+    from trellis.lab.manifest import BGPObject
+
+    text = (
+        "apiVersion: trellis.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\n"
+        "spec: {nodeToNodeMeshEnabled: false}\n---\n"
+        "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: tor}\n"
+        "spec: {peerIP: 172.31.0.2, asNumber: 65000}\n"
+    )
+    config, peer = parse(text, "f.yaml")
+    assert isinstance(config, BGPObject) and isinstance(peer, BGPObject)
+    assert config.datastore_key == "/trellis/bgp/configurations/default"
+    assert peer.datastore_key == "/trellis/bgp/peers/tor"
+    assert str(peer) == "bgppeer/tor"
+    assert peer.body["spec"] == {"peerIP": "172.31.0.2", "asNumber": 65000}
+    with pytest.raises(ManifestError, match=r"document 1: BGPPeer tor: spec\.asNumber"):
+        parse(text.split("---\n")[1].replace("65000", "0"), "f.yaml")
+    with pytest.raises(ManifestError, match=r"needs apiVersion trellis\.dev/v1"):
+        parse(text.replace("trellis.dev/v1", "v1"), "f.yaml")
+
+
+def test_route_reflector_topology_selects_one_reflector_then_two_from_four_nodes() -> None:
+    import ipaddress
+
+    from trellis.lab.bgp import topology_objects
+    from trellis.lab.state import Node
+    from trellis.model.bgp import parse_configuration
+
+    def nodes(count: int) -> list[Node]:
+        return [
+            Node(f"node-{k}", f"n{k}", k, ipaddress.IPv4Interface(f"172.31.0.{10 + k}/24"))
+            for k in range(1, count + 1)
+        ]
+
+    assert topology_objects("mesh", nodes(3)) == []
+    for count, reflectors in ((3, {"node-1"}), (4, {"node-1", "node-2"})):
+        ((key, body),) = topology_objects("rr", nodes(count))
+        config = parse_configuration(body)
+        assert key == "/trellis/bgp/configurations/default" and not config.mesh
+        assert config.route_reflectors is not None and config.route_reflectors.nodes == reflectors

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from trellis.lab import cluster, demo, nodes
+from trellis.lab import bgp, cluster, demo, nodes
 from trellis.lab.errors import LabError
 from trellis.lab.manifest import PROTOCOLS, LabObject, parse
 from trellis.lab.probe import checks_for
@@ -44,7 +44,15 @@ def read_manifest(source: str) -> list[LabObject]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    cluster.up(args.name, args.nodes, args.backend, args.datastore, args.subnets, report=print)
+    cluster.up(
+        args.name,
+        args.nodes,
+        args.backend,
+        args.datastore,
+        args.subnets,
+        report=print,
+        bgp_topology=args.bgp_topology,
+    )
     return 0
 
 
@@ -176,6 +184,13 @@ def add_lab_parser(sub: Any) -> None:
     up = command("up", _up, "build a lab: a fabric, nodes with their agents, the default namespace")
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--backend", choices=cluster.BACKENDS, default="vxlan", help="default vxlan")
+    up.add_argument(
+        "--bgp-topology",
+        choices=bgp.TOPOLOGIES,
+        default="mesh",
+        help="with --backend bgp: mesh (every node peers with every other) or rr (route reflectors "
+        "node-1, and node-2 from 4 nodes); default mesh",
+    )
     up.add_argument("--datastore", choices=cluster.DATASTORES, default="sqlite", help="default sqlite")
     up.add_argument(
         "--subnets", type=int, default=1, help="underlay subnets the nodes alternate over (default 1)"

@@ -25,7 +25,7 @@ from typing import Any
 
 from trellis.calc.routes import BACKENDS as ROUTED_BACKENDS
 from trellis.cni.install import CONFLIST_NAME
-from trellis.lab import converge, fabric, kube, store
+from trellis.lab import bgp, converge, fabric, kube, store
 from trellis.lab.errors import LabError, LabNotFound
 from trellis.lab.manifest import (
     DEFAULT_NAMESPACE,
@@ -34,6 +34,7 @@ from trellis.lab.manifest import (
     NamespaceObject,
     PodObject,
     PolicyObject,
+    StoredObject,
 )
 from trellis.lab.nodes import build_node, wait_joined
 from trellis.lab.pods import create_pod, delete_pod, new_pod, node_cni_path, node_ready, start_server
@@ -75,8 +76,6 @@ EXTERNAL_NAME = "external"
 def warnings(backend: str, subnets: int) -> list[str]:
     """What a lab of this backend and number of subnets will not do, for people to know up front."""
     found = []
-    if backend not in ROUTED_BACKENDS:
-        found.append(f"backend {backend}: agents start, but cross-node routing is not built yet")
     if backend == "host-gw" and subnets > 1:
         found.append("backend host-gw needs one L2 segment: nodes on different subnets get no routes")
     return found
@@ -90,10 +89,16 @@ def up(
     subnets: int = 1,
     root: Path = LAB_ROOT,
     report: Report = quiet,
+    bgp_topology: str = "mesh",
 ) -> LabState:
-    """Build lab `name` and return once every agent is ready; on failure remove what was made."""
+    """Build lab `name` and return once every agent is ready; on failure remove what was made.
+
+    `bgp_topology` (one of `bgp.TOPOLOGIES`) applies to backend bgp only.
+    """
     if backend not in BACKENDS:
         raise LabError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if bgp_topology not in bgp.TOPOLOGIES:
+        raise LabError(f"BGP topology {bgp_topology!r} is not one of {', '.join(bgp.TOPOLOGIES)}")
     if datastore not in DATASTORES:
         raise LabError(f"datastore {datastore!r} is not one of {', '.join(DATASTORES)}")
     store.check_available(datastore)
@@ -108,7 +113,10 @@ def up(
         raise LabError(f"network namespace {taken[0]} already exists, yet lab {name} does not")
 
     def initial(picked: list[ipaddress.IPv4Network]) -> LabState:
-        return LabState(name, backend, datastore, picked, plan_nodes(name, picked, nodes))
+        topology = bgp_topology if backend == "bgp" else None
+        return LabState(
+            name, backend, datastore, picked, plan_nodes(name, picked, nodes), bgp_topology=topology
+        )
 
     for warning in warnings(backend, subnets):
         report(f"warning: {warning}")
@@ -144,7 +152,11 @@ def _build(paths: LabPaths, state: LabState, report: Report) -> None:
     start_supervisor(paths, record)
     if state.datastore == "etcd":
         report(f"datastore: etcd at {store.location(paths, state)}, in {state.fabric_netns}")
-    wait_joined(paths, state, state.nodes, [kube.namespace_object(DEFAULT_NAMESPACE, {})])
+    objects = [kube.namespace_object(DEFAULT_NAMESPACE, {})]
+    if state.bgp_topology is not None:
+        objects += bgp.topology_objects(state.bgp_topology, state.nodes)
+        report(f"BGP: topology {state.bgp_topology}")
+    wait_joined(paths, state, state.nodes, objects)
 
 
 def _teardown(paths: LabPaths, state: LabState) -> None:
@@ -152,6 +164,8 @@ def _teardown(paths: LabPaths, state: LabState) -> None:
     stop([state.supervisor])  # it stops the agents and etcd
     nodes = [*state.nodes, *state.retired]
     stop([current_agent(paths, node.name) for node in nodes])  # in case it could not
+    if state.backend == "bgp":
+        bgp.stop_birds(paths, nodes)  # a killed agent leaves its BIRD running
     stop([current_process(paths.etcd_record)])
     stop([state.external_server, *(pod.server for pod in state.pods.values())], grace_s=2.0)
     for netns in [
@@ -219,8 +233,8 @@ def apply(
     report: Report = quiet,
     wait: bool = True,
 ) -> None:
-    """Create or update every object: namespaces, then policies (so new pods start under them),
-    then pods.
+    """Create or update every object: namespaces, then policies and BGP objects (so new pods
+    start under them), then pods.
 
     With `wait`, return once every agent has programmed the change (LabError naming a node
     that did not within converge.TIMEOUT_S).
@@ -231,11 +245,11 @@ def apply(
         for obj in objects:
             if isinstance(obj, NamespaceObject):
                 report(_apply_namespace(paths, state, obj))
-        policies = [obj for obj in objects if isinstance(obj, PolicyObject)]
-        if policies:
-            outcomes = store.write(paths, state, {p.datastore_key: p.body for p in policies})
-            for policy in policies:
-                report(f"{policy} {outcomes[policy.datastore_key]}")
+        stored = [obj for obj in objects if isinstance(obj, StoredObject)]
+        if stored:
+            outcomes = store.write(paths, state, {o.datastore_key: o.body for o in stored})
+            for obj in stored:
+                report(f"{obj} {outcomes[obj.datastore_key]}")
         for obj in objects:
             if isinstance(obj, PodObject):
                 report(_apply_pod(paths, state, obj))
@@ -280,8 +294,8 @@ def delete(
     report: Report = quiet,
     wait: bool = True,
 ) -> None:
-    """Delete every object: policies, pods, then namespaces with everything in them (their pods
-    and NetworkPolicies); objects already gone are reported, not errors.
+    """Delete every object: policies and BGP objects, pods, then namespaces with everything in
+    them (their pods and NetworkPolicies); objects already gone are reported, not errors.
 
     With `wait`, return once every agent has programmed the change.
     """
@@ -290,11 +304,11 @@ def delete(
         for obj in objects:
             if isinstance(obj, NamespaceObject) and obj.name == DEFAULT_NAMESPACE:
                 raise LabError(f"namespace {DEFAULT_NAMESPACE} cannot be deleted")
-        policies = [obj for obj in objects if isinstance(obj, PolicyObject)]
-        if policies:
-            outcomes = store.write(paths, state, dict.fromkeys(p.datastore_key for p in policies))
-            for policy in policies:
-                report(f"{policy} {outcomes[policy.datastore_key]}")
+        stored = [obj for obj in objects if isinstance(obj, StoredObject)]
+        if stored:
+            outcomes = store.write(paths, state, dict.fromkeys(o.datastore_key for o in stored))
+            for obj in stored:
+                report(f"{obj} {outcomes[obj.datastore_key]}")
         for obj in objects:
             if isinstance(obj, PodObject):
                 report(delete_pod(paths, state, obj.key))
@@ -330,6 +344,9 @@ class NodeStatus:
     agent: ProcessRef | None
     restarts: int
     ready: bool
+    bgp: list[dict[str, str]]
+    """With backend bgp: the node's BGP sessions as its agent last reported them (`name`,
+    `state`, `info`: BIRD's protocol name, state and info)."""
 
 
 def node_status(paths: LabPaths, state: LabState) -> list[NodeStatus]:
@@ -342,6 +359,7 @@ def node_status(paths: LabPaths, state: LabState) -> list[NodeStatus]:
             current_agent(paths, node.name),
             int(read_record(paths.agent_record(node.name)).get("restarts", 0)),
             node_ready(paths, node),
+            list((converge.reported(paths, node.name) or {}).get("bgp", [])),
         )
         for node in state.nodes
     ]
@@ -357,6 +375,7 @@ def status_json(paths: LabPaths, state: LabState, nodes: list[NodeStatus]) -> di
         "etcd_pid": None if (etcd := current_process(paths.etcd_record)) is None else etcd.pid,
         "underlay": str(state.subnets[0]),
         "subnets": [str(s) for s in state.subnets],
+        "bgp_topology": state.bgp_topology,
         "fabric_netns": state.fabric_netns,
         "supervisor_pid": None if state.supervisor is None else state.supervisor.pid,
         "external": {
@@ -374,6 +393,7 @@ def status_json(paths: LabPaths, state: LabState, nodes: list[NodeStatus]) -> di
                 "agent_restarts": n.restarts,
                 "ready": n.ready,
                 "cni_conf": str(paths.cni_conf_dir(n.name) / CONFLIST_NAME),
+                "bgp": n.bgp,
             }
             for n in nodes
         ],

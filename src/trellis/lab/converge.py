@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from trellis.lab.errors import LabError
 from trellis.lab.process import log_tail, wait_until
@@ -30,13 +31,19 @@ TIMEOUT_S = 10.0
 POLL_S = 0.02
 
 
-def programmed_revision(paths: LabPaths, node: str) -> int | None:
-    """The datastore revision node `node`'s kernel reflects, as its agent last reported (None: not yet)."""
+def reported(paths: LabPaths, node: str) -> dict[str, Any] | None:
+    """Node `node`'s `status.json`, as its agent last wrote it (None: not yet)."""
     try:
-        status = json.loads((paths.node_dir(node) / STATUS_FILE).read_text())
+        status: dict[str, Any] = json.loads((paths.node_dir(node) / STATUS_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):  # not written yet (it is replaced by rename)
         return None
-    return int(status["revision"])
+    return status
+
+
+def programmed_revision(paths: LabPaths, node: str) -> int | None:
+    """The datastore revision node `node`'s kernel reflects, as its agent last reported (None: not yet)."""
+    status = reported(paths, node)
+    return None if status is None else int(status["revision"])
 
 
 def programmed(

@@ -1,4 +1,4 @@
-"""Kubernetes YAML for the lab: the Namespace, Pod and policy objects it understands, as values.
+"""Kubernetes YAML for the lab: the Namespace, Pod, policy and BGP objects it understands, as values.
 
 Why validate everything first: `lab apply -f` must either apply a file or refuse it whole,
 as the API server refuses an invalid object, so the parser reads every document and checks
@@ -8,6 +8,8 @@ every field it uses before the lab changes anything. Errors name the file, the d
 Policies (NetworkPolicy, ClusterNetworkPolicy) are checked by the very parsers the agents use
 (`model/k8s.py`): what the lab accepts, every agent can compute. They are kept as written
 (apiVersion, kind, metadata, spec), the JSON the lab then stores as the API server would.
+So are BGPConfiguration and BGPPeer (`trellis.dev/v1`), checked by `model/bgp.py`'s parsers and
+stored under the key the parsed object names.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from trellis.lab.errors import LabError
+from trellis.model.bgp import API_VERSION as BGP_API_VERSION
+from trellis.model.bgp import BGPConfiguration, BGPPeer, parse_configuration, parse_peer
 from trellis.model.k8s import (
     CLUSTER_NETWORK_POLICY_PREFIX,
     NETWORK_POLICY_PREFIX,
@@ -32,6 +36,7 @@ DEFAULT_NAMESPACE = "default"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 """The label the API server sets on every Namespace to its name."""
 PROTOCOLS = ("TCP", "UDP")
+T = TypeVar("T")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -118,7 +123,27 @@ class PolicyObject:
         return f"{self.kind.lower()}/{self.key}"
 
 
-LabObject = NamespaceObject | PodObject | PolicyObject
+@dataclass(frozen=True)
+class BGPObject:
+    """A BGPConfiguration or BGPPeer (cluster-wide), valid for the agents."""
+
+    kind: str
+    name: str
+    body: dict[str, Any]
+    """What the datastore holds: apiVersion, kind, metadata (name, labels) and spec."""
+    datastore_key: str
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        return f"{self.kind.lower()}/{self.name}"
+
+
+StoredObject = PolicyObject | BGPObject
+"""Objects the lab stores as written, for the agents to read."""
+LabObject = NamespaceObject | PodObject | StoredObject
 
 
 class _Document:
@@ -234,23 +259,41 @@ def _pod(doc: _Document) -> PodObject:
     )
 
 
-def _policy(doc: _Document, namespaced: bool, check: Callable[[Any], object]) -> PolicyObject:
-    """A policy object as written, once the agents' own parser accepts it."""
-    kind: str = doc.body["kind"]
-    namespace = _object_namespace(doc) if namespaced else None
-    name = doc.name("metadata.name", _DNS_SUBDOMAIN, 253)
+def _written(doc: _Document, name: str, namespace: str | None) -> dict[str, Any]:
+    """The object as the API server would store it: apiVersion, kind, metadata (name, namespace,
+    labels) and spec."""
     metadata: dict[str, Any] = {"name": name, **({"namespace": namespace} if namespace else {})}
     labels = doc.labels()
     if labels:
         metadata["labels"] = labels
-    body = {"apiVersion": doc.body["apiVersion"], "kind": kind, "metadata": metadata}
+    body = {"apiVersion": doc.body["apiVersion"], "kind": doc.body["kind"], "metadata": metadata}
     if "spec" in doc.body:
         body["spec"] = doc.body["spec"]
+    return body
+
+
+def _checked(doc: _Document, body: dict[str, Any], check: Callable[[Any], T]) -> T:
+    """What the agents' own parser makes of `body`; its error names the document."""
     try:
-        check(body)
+        return check(body)
     except InvalidObject as err:
         raise doc.fail(str(err)) from None
-    return PolicyObject(kind, namespace, name, body)
+
+
+def _policy(doc: _Document, namespaced: bool, check: Callable[[Any], object]) -> PolicyObject:
+    """A policy object as written, once the agents' own parser accepts it."""
+    namespace = _object_namespace(doc) if namespaced else None
+    name = doc.name("metadata.name", _DNS_SUBDOMAIN, 253)
+    body = _written(doc, name, namespace)
+    _checked(doc, body, check)
+    return PolicyObject(doc.body["kind"], namespace, name, body)
+
+
+def _bgp(doc: _Document, check: Callable[[Any], BGPConfiguration | BGPPeer]) -> BGPObject:
+    """A BGP object as written, once the agents' own parser accepts it; stored under its key."""
+    name = doc.name("metadata.name", _DNS_SUBDOMAIN, 253)
+    body = _written(doc, name, None)
+    return BGPObject(doc.body["kind"], name, body, _checked(doc, body, check).key)
 
 
 def _network_policy(doc: _Document) -> PolicyObject:
@@ -266,6 +309,8 @@ _KINDS: dict[str, tuple[str, Callable[[_Document], LabObject]]] = {
     "Pod": ("v1", _pod),
     "NetworkPolicy": ("networking.k8s.io/v1", _network_policy),
     "ClusterNetworkPolicy": ("policy.networking.k8s.io/v1beta1", _cluster_network_policy),
+    "BGPConfiguration": (BGP_API_VERSION, lambda doc: _bgp(doc, parse_configuration)),
+    "BGPPeer": (BGP_API_VERSION, lambda doc: _bgp(doc, parse_peer)),
 }
 
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trellis.cni.install import install
-from trellis.lab import converge, fabric, kube, store
+from trellis.lab import bgp, converge, fabric, kube, store
 from trellis.lab.errors import LabError
 from trellis.lab.pods import delete_pod, node_ready
 from trellis.lab.process import log_tail, stop, wait_until
@@ -108,6 +108,8 @@ def _release_agent(paths: LabPaths, state: LabState, node: Node) -> None:
 
     wait_until(released, RELEASE_TIMEOUT_S)
     stop([current_agent(paths, node.name)])  # in case the supervisor could not
+    if state.backend == "bgp":
+        bgp.stop_birds(paths, [node])  # a killed agent leaves its BIRD running
 
 
 def _retire(paths: LabPaths, state: LabState, node: Node) -> list[str]:

@@ -272,6 +272,8 @@ class LabState:
     api_revision: int = 0
     """The datastore revision of the lab's last write (a Kubernetes object, a node's removal):
     every agent must report at least this one before a command that waits returns."""
+    bgp_topology: str | None = None
+    """With backend bgp: the topology `up` set up (`lab/bgp.py`); None with other backends."""
 
     @property
     def fabric_netns(self) -> str:
@@ -325,6 +327,7 @@ class LabState:
             "external_server": None if self.external_server is None else self.external_server.to_json(),
             "revision": self.revision,
             "api_revision": self.api_revision,
+            "bgp_topology": self.bgp_topology,
         }
 
     @classmethod
@@ -346,6 +349,7 @@ class LabState:
             external_server=ProcessRef.from_json(data["external_server"]),
             revision=int(data["revision"]),
             api_revision=int(data.get("api_revision", 0)),  # labs made before the lab wrote objects
+            bgp_topology=data.get("bgp_topology"),
         )
 
 

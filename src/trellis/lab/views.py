@@ -20,23 +20,36 @@ def _labels(labels: dict[str, str]) -> str:
 
 
 def nodes_table(state: LabState, nodes: list[NodeStatus]) -> Table:
+    backend = state.backend if state.bgp_topology is None else f"{state.backend} ({state.bgp_topology})"
     table = Table(
-        title=f"lab {state.name}: backend {state.backend}, datastore {state.datastore}, "
+        title=f"lab {state.name}: backend {backend}, datastore {state.datastore}, "
         f"underlay {', '.join(map(str, state.subnets))}",
         title_justify="left",
     )
-    for column in ("node", "netns", "underlay", "agent PID", "restarts", "ready"):
+    bgp = state.bgp_topology is not None
+    columns = ["node", "netns", "underlay", "agent PID", "restarts", "ready"]
+    for column in [*columns, "BGP sessions"] if bgp else columns:
         table.add_column(column)
     for node in nodes:
-        table.add_row(
+        row = [
             node.name,
             node.netns,
             str(node.underlay),
             "-" if node.agent is None else str(node.agent.pid),
             str(node.restarts),
             "[green]yes[/]" if node.ready else "[red]no[/]",
-        )
+        ]
+        table.add_row(*row, *([_sessions(node.bgp)] if bgp else []))
     return table
+
+
+def _sessions(sessions: list[dict[str, str]]) -> str:
+    """One line per session: BIRD's protocol name, state (green when up, else red) and info."""
+    lines = []
+    for session in sessions:
+        colour = "green" if session["state"] == "up" else "red"
+        lines.append(f"{session['name']} [{colour}]{session['state']}[/] {session['info']}")
+    return "\n".join(lines) or "-"
 
 
 def pods_table(state: LabState) -> Table:

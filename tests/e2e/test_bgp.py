@@ -1,0 +1,154 @@
+"""The bgp backend in the lab, through the real `trellis lab` CLI (root): BIRD on every node.
+
+One lab per topology (BIRD sessions take 2-3 s to establish). Checks what an operator would:
+every node's kernel holds `proto bird` routes to the other nodes' pods, every pod reaches
+every other one, `lab status` shows the sessions established, an agent killed mid-traffic
+loses no ping (BIRD outlives it), a removed node is withdrawn from the others within 5 s,
+and BGP objects are applied and deleted like other kinds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.labs import TRELLIS, Lab, built, pods_manifest
+from tests.helpers import wait_until
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds labs of network namespaces"),
+]
+
+ESTABLISH_S = 15.0
+WITHDRAW_S = 5.0
+PING_COUNT = 200
+
+
+def bird_routes(lab: Lab, node: str) -> list[ipaddress.IPv4Network]:
+    """The destinations of the routes BIRD learned and installed in the node's kernel (not its
+    own blocks' blackholes)."""
+    out = subprocess.run(
+        ["ip", "-n", f"trl-{lab.name}-{node}", "-j", "route", "show", "proto", "bird"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    routes: list[dict[str, Any]] = json.loads(out or "[]")
+    return [ipaddress.IPv4Network(r["dst"]) for r in routes if r.get("type") != "blackhole"]
+
+
+def routed_by_bird(lab: Lab, node: str, ip: str) -> bool:
+    return any(ipaddress.IPv4Address(ip) in dst for dst in bird_routes(lab, node))
+
+
+def converged(lab: Lab, pods: dict[str, str]) -> bool:
+    """Every node's kernel holds a BIRD route to every pod on another node (pod name -> node)."""
+    ips = {name: lab.pod(f"default/{name}")["ip"] for name in pods}
+    nodes = set(pods.values())
+    return all(
+        routed_by_bird(lab, node, ips[name])
+        for node in nodes
+        for name, where in pods.items()
+        if where != node
+    )
+
+
+def sessions(lab: Lab) -> dict[str, list[dict[str, str]]]:
+    return {node["name"]: node["bgp"] for node in lab.status()["nodes"]}
+
+
+def all_reachable(matrix: dict[str, Any]) -> bool:
+    return all(ok for row in matrix["matrix"].values() for ok in row.values())
+
+
+def build_pods(lab: Lab, count: int) -> dict[str, str]:
+    pods = {f"p{k}": f"node-{k}" for k in range(1, count + 1)}
+    lab.apply(pods_manifest(pods))
+    wait_until(lambda: converged(lab, pods), ESTABLISH_S, "every node to learn every other node's blocks")
+    matrix = lab.probe("--port", "80", "--protocol", "TCP")
+    assert all_reachable(matrix), matrix
+    return pods
+
+
+def test_mesh_routes_pods_survives_an_agent_kill_and_withdraws_a_removed_node(tmp_path: Path) -> None:
+    with built(tmp_path, "--nodes", "3", "--backend", "bgp") as lab:
+        assert lab.status()["bgp_topology"] == "mesh"
+        pods = build_pods(lab, 3)
+        wait_until(
+            lambda: all(len(s) == 2 and all(x["state"] == "up" for x in s) for s in sessions(lab).values()),
+            ESTABLISH_S,
+            "every mesh session to be established",
+        )
+        assert all(x["name"].startswith("mesh_") for s in sessions(lab).values() for x in s)
+        assert "BGP" in lab.run("status")  # the table's column (wrapped at 80 columns here)
+
+        # An agent killed mid-traffic: BIRD keeps running, the supervisor restarts the agent.
+        p2 = lab.pod("default/p2")
+        old = lab.node("node-1")["agent_pid"]
+        ping = subprocess.Popen(
+            [
+                *(str(TRELLIS), "lab", "exec", "--name", lab.name, "default/p1", "--"),
+                *("ping", "-n", "-q", "-i", "0.02", "-W", "1", "-c", str(PING_COUNT), p2["ip"]),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(0.5)
+            os.kill(old, signal.SIGKILL)
+            wait_until(
+                lambda: lab.node("node-1")["agent_pid"] not in (None, old) and lab.node("node-1")["ready"],
+                20.0,
+                "the supervisor to restart node-1's agent",
+            )
+            out, err = ping.communicate(timeout=30)
+        finally:
+            ping.kill()
+            ping.wait()
+        assert f"{PING_COUNT} packets transmitted, {PING_COUNT} received, 0% packet loss" in out, out + err
+
+        # BGP objects through apply/delete, validated up front.
+        peer = (
+            "apiVersion: trellis.dev/v1\nkind: BGPPeer\nmetadata: {name: tor}\n"
+            "spec: {peerIP: 172.31.250.1, asNumber: 65000, node: node-1}\n"
+        )
+        assert "bgppeer/tor created" in lab.apply(peer)
+        assert "bgppeer/tor deleted" in lab.apply(peer, "delete")
+        refused = lab.run("apply", "-f", lab.file(peer.replace("65000", "0")), check=False)
+        assert refused.startswith("1\n") and "spec.asNumber" in refused, refused
+
+        # A removed node is withdrawn from the others within WITHDRAW_S.
+        p3 = lab.pod("default/p3")["ip"]
+        lab.run("node remove", "node-3")
+        started = time.monotonic()
+        wait_until(
+            lambda: not any(routed_by_bird(lab, n, p3) for n in ("node-1", "node-2")),
+            WITHDRAW_S,
+            "node-3's block to be withdrawn",
+        )
+        assert time.monotonic() - started < WITHDRAW_S
+        del pods["p3"]
+        assert converged(lab, pods)
+
+
+def test_route_reflectors_route_every_pod(tmp_path: Path) -> None:
+    with built(tmp_path, "--nodes", "4", "--backend", "bgp", "--bgp-topology", "rr") as lab:
+        assert lab.status()["bgp_topology"] == "rr"
+        build_pods(lab, 4)
+        names = {node: sorted(x["name"].split("_")[0] for x in s) for node, s in sessions(lab).items()}
+        assert names == {
+            "node-1": ["client", "client", "rr"],
+            "node-2": ["client", "client", "rr"],
+            "node-3": ["rr", "rr"],
+            "node-4": ["rr", "rr"],
+        }, names
