@@ -13,9 +13,13 @@ IPAM), so that block's route usually reaches the other nodes during `node add` a
 lands in a block already routed: (ii) is then 0. With host-gw the pod's CNI ADD claims the
 block, so (ii) shows the pod-driven path: block claim, datastore write, the other agents'
 watch and reconcile.
-Beside them, from the same run: the pod's own /32 route on the new node after the apply (the
-local floor, set during its CNI ADD) and the start-up of the `trellis` command alone, which
-both lab commands pay.
+Beside them, from the same run, to show where the time goes: from the new agent's process
+start (/proc/PID/stat, 1/HZ resolution) to the block routed everywhere (the agent's share: its
+start-up, datastore sync, block claim and registration, the other agents' watch and
+reconcile); from the apply to the pod's own /32 route on its node (set during its CNI ADD: the
+local floor) and from that route to the block routed everywhere (the propagation of a
+pod-claimed block); and the start-up of the `trellis` command alone, which every lab command
+pays before it does anything.
 
 How the kernels are read: one `ip -n trl-<lab>-<node> -j -batch -` per node stays running and
 is sent `route show proto 222` every `--poll-ms` (default 5 ms), so a poll costs a netlink dump,

@@ -50,7 +50,7 @@ from typing import IO, Any
 from rich.console import Console
 
 from common.host import BenchError, Scratch, in_netns, ip, run, scratch, wait_for_text
-from common.report import finish_facts, load_line, main, run_facts, table, verdict
+from common.report import count, finish_facts, load_line, main, run_facts, table, verdict
 from trellis.agent.network import COALESCE_S
 from trellis.calc.policy import PolicyInputs, TierKind, compute_policy, read_policy_inputs
 from trellis.calc.policy_oracle import PolicyOracle
@@ -499,13 +499,14 @@ class Worker:
         self._run = run_
         self._log = run_.tmp / "worker.log"
         with self._log.open("wb") as log:
-            self._process = subprocess.Popen(
-                [*in_netns(node), sys.executable, __file__, WORKER],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
+            self._process = run_.track(
+                subprocess.Popen(
+                    [*in_netns(node), sys.executable, __file__, WORKER],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                )
             )
-        run_.processes.append(self._process)  # ended by its PID at teardown
         self._batches = 0
 
     def _ask(self, **request: Any) -> dict[str, Any]:
@@ -800,8 +801,8 @@ def render(result: dict[str, Any]) -> None:
     console = Console()
     render_agent(console, result)
     sizes = table("The node's batch", ["", "count"])
-    for name, count in result["batch"].items():
-        sizes.add_row(name, f"{count:,}")
+    for name, number in result["batch"].items():
+        sizes.add_row(name, f"{number:,}")
     console.print(sizes)
     render_throughput(console, result)
     console.print(load_line(result))
@@ -809,11 +810,15 @@ def render(result: dict[str, Any]) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else None)
-    parser.add_argument("--changes", type=int, default=12, help="one-policy changes measured (default 12)")
-    parser.add_argument("--pod-adds", type=int, default=6, help="pod ADDs measured (default 6)")
-    parser.add_argument("--repeat", type=int, default=5, help="whole-cluster passes measured (default 5)")
-    parser.add_argument("--runs", type=int, default=3, help="iperf3 runs per table (default 3)")
-    parser.add_argument("--seconds", type=int, default=5, help="seconds per iperf3 run (default 5)")
+    parser.add_argument(
+        "--changes", type=count(1), default=12, help="one-policy changes measured (default 12)"
+    )
+    parser.add_argument("--pod-adds", type=count(1), default=6, help="pod ADDs measured (default 6)")
+    parser.add_argument(
+        "--repeat", type=count(1), default=5, help="whole-cluster passes measured (default 5)"
+    )
+    parser.add_argument("--runs", type=count(1), default=3, help="iperf3 runs per table (default 3)")
+    parser.add_argument("--seconds", type=count(2), default=5, help="seconds per iperf3 run (default 5)")
     return main(parser, measure, render, "policy_scale", argv)
 
 

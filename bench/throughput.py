@@ -159,6 +159,8 @@ def flannel_flows(run_: Scratch) -> list[Flow]:
             "peer",
             "name",
             "eth0",
+            "mtu",
+            mtu,
             "netns",
             pod,
         )
