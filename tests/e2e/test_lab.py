@@ -215,7 +215,7 @@ def test_a_bad_manifest_applies_nothing(lab: Lab) -> None:
     assert code == "1"
     assert stderr.strip() == (
         f"trellis lab apply: {path}: document 6: kind 'Ingress' is not supported by the lab "
-        "(supported: Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy)"
+        "(supported: Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy, BGPConfiguration, BGPPeer)"
     )
     status = lab.status()
     assert status["pods"] == [] and [n["name"] for n in status["namespaces"]] == ["default"]

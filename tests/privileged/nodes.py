@@ -27,6 +27,7 @@ from trellis.datastore.sqlite import SqliteDatastore
 from trellis.lab.runtime import CniRuntime, Invocation
 from trellis.model.ipam import Attachment
 from trellis.model.naming import is_host_veth_name
+from trellis.model.node import STATUS_FILE
 
 PREFIX = "trlt"
 NODE_NAME = "test"
@@ -215,6 +216,24 @@ class Node:
             for link in ip_json(self.netns, "link", "show", "type", "veth")
             if is_host_veth_name(link["ifname"])
         }
+
+    def wait_programmed(self) -> None:
+        """Wait until the agent's kernel reflects the datastore as it is now (its status.json)."""
+        store = SqliteDatastore(self.dir / "trellis.db")
+        try:
+            revision = store.snapshot("/trellis/").revision
+        finally:
+            store.close()
+
+        def programmed() -> bool:
+            try:
+                return int(json.loads((self.dir / STATUS_FILE).read_text())["revision"]) >= revision
+            except (FileNotFoundError, ValueError, KeyError):
+                return False
+
+        wait_until(
+            programmed, AGENT_READY_TIMEOUT_S, f"the agent of {self.netns} to program revision {revision}"
+        )
 
     def allocations(self) -> dict[Attachment, str]:
         """The datastore's allocations of this node, each as `a.b.c.d/32`; fails on a duplicate."""

@@ -59,9 +59,11 @@ def test_add_result_is_in_the_requested_schema_and_true(node: Node, version: str
 
 def test_pod_reaches_the_node_through_proxy_arp(node: Node) -> None:
     """The pod's default route via 169.254.1.1 works: the host veth answers ARP by proxy and the
-    node routes back over the /32 route with Trellis' protocol."""
+    node routes back over the /32 route with Trellis' protocol (once the agent has put the pod's
+    address in the anti-spoofing set: until then its packets are dropped)."""
     pod = node.new_pod()
     address = _add(node, pod)
+    node.wait_programmed()
     ping = subprocess.run(
         ["ip", "netns", "exec", pod.netns, "ping", "-c", "1", "-W", "5", str(NODE_ADDRESS.ip)],
         capture_output=True,
