@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from trellis.agent.config import AgentConfig
@@ -35,7 +34,7 @@ from trellis.calc.cluster import Cluster, parse_cluster
 from trellis.calc.policy import PolicyState, compute_policy, read_policy_inputs
 from trellis.calc.routes import DesiredRoutes, compute_routes
 from trellis.dataplane.kernel import nft
-from trellis.dataplane.kernel.netlink import KernelError, SocketPool
+from trellis.dataplane.kernel.netlink import KernelError, SocketPool, enable_forwarding
 from trellis.dataplane.kernel.nft import NftError
 from trellis.dataplane.kernel.overlay import Overlay, VxlanSpec
 from trellis.dataplane.render.nft import NatState, render_table
@@ -198,7 +197,7 @@ class NetworkController:
             vtep_mac = self.overlay.ensure_vxlan(spec)
         else:
             self.overlay.remove_vxlan()
-        _enable_forwarding()
+        enable_forwarding()
         node = Node(self.config.node, self.underlay, vtep_mac, vtep_ip)
         self._lease = self.store.grant_lease(self.config.node_ttl_s)
         self.store.put(node.key, node.to_json(), lease=self._lease)
@@ -353,8 +352,3 @@ class NetworkController:
             del self._absent_since[name]
         for name in set(self._absent_since) & set(cluster.nodes):
             del self._absent_since[name]
-
-
-def _enable_forwarding() -> None:
-    """The node routes pod traffic (in the agent's network namespace, as every CNI does)."""
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1")

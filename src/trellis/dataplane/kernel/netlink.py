@@ -9,6 +9,7 @@ import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -89,3 +90,9 @@ def find_uplink(pool: SocketPool, name: str = "") -> Uplink | None:
             else None
         )
         return Uplink(str(link.get_attr("IFLA_IFNAME")), int(link.get_attr("IFLA_MTU")), address)
+
+
+def enable_forwarding() -> None:
+    """The node routes pod traffic: IPv4 forwarding on, in the agent's network namespace (as
+    every CNI does on its node)."""
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
