@@ -84,7 +84,7 @@ class SqliteDatastore:
             self._db = sqlite3.connect(
                 path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._enter_wal(busy_timeout_s)
             self._db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.OperationalError as err:
             raise Unavailable(f"sqlite datastore {path}: {err}") from err
@@ -92,6 +92,23 @@ class SqliteDatastore:
             for statement in _SCHEMA:
                 self._db.execute(statement)
         path.chmod(0o600)
+
+    def _enter_wal(self, timeout_s: float) -> None:
+        """Switch a new file to WAL mode, waiting out another process doing the same.
+
+        SQLite's busy handler does not cover this switch: two agents opening a fresh file at
+        once (a lab's nodes do) see "database is locked" at once, so retry until the timeout.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                busy = err.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     # -- transactions ------------------------------------------------------------------------
 
