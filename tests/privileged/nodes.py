@@ -15,6 +15,7 @@ import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,14 +120,7 @@ class Node:
         self.runtime.close()
         if self.agent is not None:
             self.stop_agent(signal.SIGKILL)
-        failures = []
-        for name in reversed(self._namespaces):
-            if (NETNS_RUN_DIR / name).exists():
-                proc = subprocess.run(
-                    ["ip", "netns", "del", name], capture_output=True, text=True, check=False
-                )
-                if proc.returncode != 0:
-                    failures.append(f"{name}: {proc.stderr.strip()}")
+        failures = delete_namespaces(reversed(self._namespaces))
         assert not failures, f"could not delete namespaces: {failures}"
 
     # -- the agent -------------------------------------------------------------------------
@@ -247,3 +241,14 @@ class Node:
         mine = {attachment: f"{address}/32" for node, address, attachment in stored if node == NODE_NAME}
         assert len(mine) == len(stored), "an attachment holds two addresses, or a block is not this node's"
         return mine
+
+
+def delete_namespaces(names: Iterable[str]) -> list[str]:
+    """Delete each namespace that still exists; returns one line per one that would not go."""
+    failures = []
+    for name in names:
+        if (NETNS_RUN_DIR / name).exists():
+            proc = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                failures.append(f"{name}: {proc.stderr.strip()}")
+    return failures

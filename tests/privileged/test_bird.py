@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_until
-from tests.privileged.nodes import ip_json, run
+from tests.privileged.nodes import delete_namespaces, ip_json, run
 from trellis.bgp.bird import Bird, BirdControl, BirdError
 from trellis.calc.bgp import BGPObjects, DesiredBGP, compute_bgp
-from trellis.dataplane.kernel.netns import NETNS_RUN_DIR, netns_path
+from trellis.dataplane.kernel.netns import netns_path
 from trellis.model.node import Node
 
 pytestmark = [
@@ -102,14 +102,7 @@ class Mesh:
         for pid in self.pids:  # none should be left; kill by PID any that is
             if Path(f"/proc/{pid}").exists():
                 os.kill(pid, signal.SIGKILL)
-        failures = []
-        for name in reversed(self._namespaces):
-            if (NETNS_RUN_DIR / name).exists():
-                proc = subprocess.run(
-                    ["ip", "netns", "del", name], capture_output=True, text=True, check=False
-                )
-                if proc.returncode != 0:
-                    failures.append(f"{name}: {proc.stderr.strip()}")
+        failures = delete_namespaces(reversed(self._namespaces))
         shutil.rmtree(self.dir, ignore_errors=True)
         assert not failures, f"could not delete namespaces: {failures}"
 

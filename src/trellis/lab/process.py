@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trellis.dataplane.kernel.netns import netns_path, setns
+from trellis.dataplane.kernel.netns import enter
 from trellis.lab.errors import LabError
 
 POLL_S = 0.02
@@ -112,14 +112,9 @@ def in_netns(netns: str) -> Callable[[], None]:
     It also clears the signal mask, which a child inherits: the supervisor blocks the
     signals it waits for, and its agents must still stop on SIGTERM.
     """
-    path = netns_path(netns)
 
-    def enter() -> None:
+    def entering() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            setns(fd)
-        finally:
-            os.close(fd)
+        enter(netns)
 
-    return enter
+    return entering
