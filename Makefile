@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := iproute2 nftables iptables iputils-ping iperf3 conntrack containernetworking-plugins procps etcd-server bird2 frr
+APT_PACKAGES := iproute2 nftables iptables iputils-ping iperf3 conntrack containernetworking-plugins procps etcd-server bird2 frr podman busybox-static openssl
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint unit bench fuzz clean
