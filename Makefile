@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := iproute2 nftables iptables iputils-ping iperf3 conntrack containernetworking-plugins procps etcd-server bird2 frr podman busybox-static openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit bench fuzz clean
+.PHONY: setup demo test lint unit bench fuzz crash clean
 
 setup: $(STAMP)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -35,6 +35,9 @@ test: lint
 
 fuzz: setup
 	TRELLIS_FUZZ_EXAMPLES=$${TRELLIS_FUZZ_EXAMPLES:-5000} $(BIN)/pytest -q tests/privileged/test_fuzz.py
+
+crash: setup
+	TRELLIS_CRASH_ROUNDS=$${TRELLIS_CRASH_ROUNDS:-200} $(BIN)/pytest -q -s -k random_moments tests/privileged/test_burst.py
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

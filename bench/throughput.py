@@ -1,7 +1,8 @@
-"""Throughput across nodes: Trellis pod->pod (vxlan, host-gw) beside node->node and a Flannel-style path.
+"""Throughput across nodes: Trellis pod->pod (vxlan, host-gw, bgp) beside node->node and a Flannel-style path.
 
 What it measures: iperf3 TCP throughput (receiver's Gbit/s), one stream and two (`-P 2`), for
-  - pod->pod across nodes in a Trellis lab with backend `vxlan`, and in one with `host-gw`;
+  - pod->pod across nodes in a Trellis lab with backend `vxlan`, in one with `host-gw` and in
+    one with `bgp` (BIRD's routes: its mesh of two nodes); `--backends` picks some of them;
   - node->node between the same two nodes' underlay addresses, over the same fabric (in each
     lab: the reference each lab's pod->pod figure is divided by);
   - a hand-built Flannel-style path in this run's own namespaces (`trlq-<tag>-*`): two nodes on
@@ -9,13 +10,14 @@ What it measures: iperf3 TCP throughput (receiver's Gbit/s), one stream and two 
     (`trlq.vx`: VNI 1, UDP 8472, nolearning, one static FDB and one permanent neighbour entry
     per remote node, a route per remote subnet, as Flannel's vxlan backend programs them), and
     Flannel's masquerade/forward rules as an nftables table (so conntrack runs, as on a real
-    Flannel node); plus node->node over its own bridge.
+    Flannel node); plus node->node over its own bridge (measured when vxlan is, its comparison).
 Every measurement is taken `--repeat` times (default 3), interleaved across paths in a rotating
 order so that the machine's background load falls on every path alike; the table shows the
 median and the spread.
 
 Why: the multi-node issue's targets, measured on the same machine in the same run: routed
-pod->pod (host-gw) at least 0.90x node->node, VXLAN pod->pod at least 0.85x node->node. The
+pod->pod (host-gw) at least 0.90x node->node, VXLAN pod->pod at least 0.85x node->node; and the
+BGP issue's, routed pod->pod with bgp at least 0.90x node->node. The
 Flannel-style path shows what the routed veth (no bridge) gains over bridge + VXLAN. DESIGN.md §5
 lists one-off figures for this machine (veth pair 21.4 Gbit/s, bridge 16.6, VXLAN 15.5, routed
 host-gw 14.5): a different set-up, shown for orientation only; the ratios use this run's figures.
@@ -30,6 +32,7 @@ import argparse
 import json
 import secrets
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from typing import Any
 
 from rich.console import Console
 
-from common.host import Scratch, in_netns, ip, run, scratch, wait_for_text
+from common.host import BenchError, Scratch, in_netns, ip, run, scratch, wait_for_text
 from common.lab import Lab, lab, pods_manifest
 from common.report import count, finish_facts, load_line, main, median, run_facts, table, verdict
 
@@ -50,8 +53,11 @@ POD_NET = "198.19"
 VXLAN_MTU = 1450
 """Pod, bridge and VXLAN MTU of the Flannel-style path: the uplink's 1500 less 50, as Flannel."""
 STREAMS = (1, 2)
-TARGETS = {"host-gw": 0.90, "vxlan": 0.85}
-"""The issue's targets: pod->pod throughput at least this multiple of node->node, same fabric."""
+TARGETS = {"vxlan": 0.85, "host-gw": 0.90, "bgp": 0.90}
+"""The issues' targets: pod->pod throughput at least this multiple of node->node, same fabric."""
+BACKENDS = tuple(TARGETS)
+ROUTED_S = 30.0
+"""How long after the pods' apply pod->pod may take to answer (bgp: BIRD's sessions come up first)."""
 DESIGN_REFERENCE = {"veth pair": 21.4, "bridge": 16.6, "VXLAN": 15.5, "routed host-gw": 14.5}
 """DESIGN.md §5, Gbit/s, single stream, measured once on this machine in another set-up."""
 ROUTED_VS_BRIDGED = ("vxlan pod->pod", "flannel-style pod->pod")
@@ -102,6 +108,7 @@ def trellis_flows(stack: ExitStack, name: str, backend: str) -> list[Flow]:
     """A 2-node lab with a pod on each node: pod->pod and node->node, on `stack` (down at its end)."""
     made: Lab = stack.enter_context(lab(name, nodes=2, backend=backend))
     made.apply(pods_manifest([("tput-a", "node-1"), ("tput-b", "node-2")]))
+    wait_reachable(made, "default/tput-a", made.pod_ip("default/tput-b"))
     status = made.status()
     underlay = {node["name"]: node["underlay_ip"] for node in status["nodes"]}
     node, pod = f"{backend} node->node", f"{backend} pod->pod"
@@ -121,6 +128,21 @@ def trellis_flows(stack: ExitStack, name: str, backend: str) -> list[Flow]:
             target=TARGETS[backend],
         ),
     ]
+
+
+def wait_reachable(made: Lab, pod: str, dst: str) -> None:
+    """Return once `pod` gets an answer from `dst` (one ping at a time, each waiting up to 1 s);
+    BenchError after ROUTED_S."""
+    deadline = time.monotonic() + ROUTED_S
+    while True:
+        try:
+            run([*made.exec_prefix(pod), "ping", "-n", "-q", "-c", "1", "-W", "1", dst])
+            return
+        except BenchError:
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"lab {made.name}: {pod} gets no answer from {dst} after {ROUTED_S:.0f} s"
+                ) from None
 
 
 def _mac(k: int) -> str:
@@ -267,7 +289,8 @@ def summarize(
             "streams": per_streams,
         }
     comparisons = [(f.key, f.reference, f.target) for f in flows if f.reference is not None]
-    comparisons.append((ROUTED_VS_BRIDGED[0], ROUTED_VS_BRIDGED[1], None))
+    if all(key in paths for key in ROUTED_VS_BRIDGED):
+        comparisons.append((ROUTED_VS_BRIDGED[0], ROUTED_VS_BRIDGED[1], None))
     ratios = []
     for key, reference, target in comparisons:
         for streams in STREAMS:
@@ -293,11 +316,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     tag = secrets.token_hex(2)
     with ExitStack() as stack:
         flows = [
-            *trellis_flows(stack, f"tpv-{tag}", "vxlan"),
-            *trellis_flows(stack, f"tph-{tag}", "host-gw"),
+            flow
+            for backend in args.backends
+            for flow in trellis_flows(stack, f"tp{backend[0]}-{tag}", backend)
         ]
         run_ = stack.enter_context(scratch(NETNS_PREFIX, tag))  # closed first: servers end before labs go
-        flows += flannel_flows(run_)
+        if "vxlan" in args.backends:
+            flows += flannel_flows(run_)
         start_servers(run_, flows)
         mtus = {flow.key: path_mtu(flow) for flow in flows}
         samples: dict[tuple[str, int], list[Sample]] = {}
@@ -314,7 +339,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "repeat": args.repeat,
         "statistic": "median of the repeats; Gbit/s at the receiver, first second omitted",
-        "targets": {f"{backend} pod->pod / node->node": t for backend, t in TARGETS.items()},
+        "backends": list(args.backends),
+        "targets": {f"{backend} pod->pod / node->node": TARGETS[backend] for backend in args.backends},
         "design_reference_gbps": DESIGN_REFERENCE,
         **summary,
     }
@@ -346,8 +372,10 @@ def render(result: dict[str, Any]) -> None:
             f"{source['mtu']} ({source['dev']})",
         )
     console.print(figures)
+    bridged = any(r["reference"] == ROUTED_VS_BRIDGED[1] for r in result["ratios"])
     ratios = table(
-        "Ratios: pod->pod / node->node over the same fabric; routed veth / bridge (both VXLAN)",
+        "Ratios: pod->pod / node->node over the same fabric"
+        + ("; routed veth / bridge (both VXLAN)" if bridged else ""),
         ["path", "divided by", "streams", "Gbit/s", "reference", "ratio", "target", ""],
     )
     for r in result["ratios"]:
@@ -370,11 +398,26 @@ def render(result: dict[str, Any]) -> None:
     console.print(load_line(result))
 
 
+def _backends(text: str) -> list[str]:
+    chosen = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected some of {','.join(BACKENDS)}")
+    return chosen
+
+
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else None)
     parser.add_argument("--seconds", type=count(2), default=5, help="seconds per iperf3 test (default 5)")
     parser.add_argument(
         "--repeat", type=count(1), default=3, help="tests per path and stream count (default 3)"
+    )
+    parser.add_argument(
+        "--backends",
+        type=_backends,
+        default=list(BACKENDS),
+        help=f"comma-separated, each a lab of its own (default {','.join(BACKENDS)}; "
+        "the Flannel-style path comes with vxlan)",
     )
     return main(parser, measure, render, "throughput", argv)
 

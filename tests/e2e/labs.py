@@ -13,14 +13,21 @@ import json
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from tests.helpers import wait_until
+from tests.helpers import stored_allocations, wait_until
+from trellis.datastore import Datastore
+from trellis.datastore.sqlite import SqliteDatastore
+from trellis.lab import store as lab_store
 from trellis.lab.process import ProcessRef
+from trellis.lab.state import LabPaths, load
+from trellis.model.ipam import Attachment
 from trellis.model.node import STATUS_FILE
+
+T = TypeVar("T")
 
 TRELLIS = Path(sys.executable).with_name("trellis")
 LAB_ROOT = Path("/run/trellis/lab")
@@ -140,6 +147,19 @@ class Lab:
             if "/" in route["dst"] and address in ipaddress.IPv4Network(route["dst"]):
                 return route
         return None
+
+    def allocations(self) -> list[tuple[str, ipaddress.IPv4Address, Attachment]]:
+        """Every pod address held in the lab's SQLite datastore: (node, address, attachment)."""
+        store = SqliteDatastore(LAB_ROOT / self.name / "datastore.db")
+        try:
+            return stored_allocations(store)
+        finally:
+            store.close()
+
+    def datastore(self, read: Callable[[Datastore], T]) -> T:
+        """`read` run on the lab's datastore, opened where the lab opens it (etcd: in the fabric)."""
+        paths = LabPaths(self.name)
+        return lab_store.using(paths, load(paths), read)
 
     def agent_log(self, node: str) -> str:
         return (LAB_ROOT / self.name / "nodes" / node / "agent.log").read_text(errors="replace")

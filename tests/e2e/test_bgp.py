@@ -4,7 +4,9 @@ One lab per topology (BIRD sessions take 2-3 s to establish). Checks what an ope
 every node's kernel holds `proto bird` routes to the other nodes' pods, every pod reaches
 every other one, `lab status` shows the sessions established, an agent killed mid-traffic
 loses no ping (BIRD outlives it), a removed node is withdrawn from the others within 5 s,
-and BGP objects are applied and deleted like other kinds.
+and BGP objects are applied and deleted like other kinds. With a ToR running FRR (a router
+nobody here wrote), FRR learns every node's blocks over MD5-signed sessions and routes back
+to pods, and every pod reaches the prefix FRR originates.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.labs import TRELLIS, Lab, built, pods_manifest
+from tests.e2e.labs import ASK, TRELLIS, Lab, built, pods_manifest
 from tests.helpers import wait_until
+from trellis.lab.frr import FRR_TMP
+from trellis.lab.process import ProcessRef
 
 pytestmark = [
     pytest.mark.e2e,
@@ -33,9 +38,8 @@ WITHDRAW_S = 5.0
 PING_COUNT = 200
 
 
-def bird_routes(lab: Lab, node: str) -> list[ipaddress.IPv4Network]:
-    """The destinations of the routes BIRD learned and installed in the node's kernel (not its
-    own blocks' blackholes)."""
+def kernel_bird_routes(lab: Lab, node: str) -> list[dict[str, Any]]:
+    """The node's `proto bird` routes, as `ip -j route` gives them."""
     out = subprocess.run(
         ["ip", "-n", f"trl-{lab.name}-{node}", "-j", "route", "show", "proto", "bird"],
         capture_output=True,
@@ -43,7 +47,20 @@ def bird_routes(lab: Lab, node: str) -> list[ipaddress.IPv4Network]:
         check=True,
     ).stdout
     routes: list[dict[str, Any]] = json.loads(out or "[]")
-    return [ipaddress.IPv4Network(r["dst"]) for r in routes if r.get("type") != "blackhole"]
+    return routes
+
+
+def bird_routes(lab: Lab, node: str) -> list[ipaddress.IPv4Network]:
+    """The destinations of the routes BIRD learned and installed in the node's kernel (not its
+    own blocks' blackholes)."""
+    return [
+        ipaddress.IPv4Network(r["dst"]) for r in kernel_bird_routes(lab, node) if r.get("type") != "blackhole"
+    ]
+
+
+def own_blocks(lab: Lab, node: str) -> list[str]:
+    """The node's blocks: the blackholes its BIRD originates them from."""
+    return [r["dst"] for r in kernel_bird_routes(lab, node) if r.get("type") == "blackhole"]
 
 
 def routed_by_bird(lab: Lab, node: str, ip: str) -> bool:
@@ -152,3 +169,91 @@ def test_route_reflectors_route_every_pod(tmp_path: Path) -> None:
             "node-3": ["rr", "rr"],
             "node-4": ["rr", "rr"],
         }, names
+
+
+def vtysh(tor: dict[str, Any], command: str) -> Any:
+    """FRR's JSON answer to `command`, through the ToR's vty socket directory."""
+    out = subprocess.run(
+        ["vtysh", "--vty_socket", tor["vty_socket_dir"], "-c", command],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return json.loads(out)
+
+
+def in_tor(tor: dict[str, Any], *command: str) -> str:
+    """What `command` prints, run in the ToR's namespace."""
+    return subprocess.run(
+        ["ip", "netns", "exec", tor["netns"], *command],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+
+
+def test_tor_with_frr_learns_every_block_routes_back_to_pods_and_is_reached_from_them(tmp_path: Path) -> None:
+    with built(tmp_path, "--nodes", "3", "--backend", "bgp", "--bgp-topology", "tor") as lab:
+        tor = lab.status()["tor"]
+        daemons = {daemon: tor[f"{daemon}_pid"] for daemon in ("zebra", "bgpd")}
+        assert all(daemons.values()), tor
+        lab.processes.update(ProcessRef.of(pid) for pid in daemons.values())  # none may outlive `down`
+        pods = build_pods(lab, 3)  # every kernel routes the others' pods (proto bird); every pair connects
+        underlay = {node["name"]: node["underlay_ip"] for node in lab.status()["nodes"]}
+        blocks = {block: underlay[node] for node in underlay for block in own_blocks(lab, node)}
+        assert len(blocks) >= len(underlay), blocks
+
+        # FRR learned every node's blocks, next hop the node, and zebra installed them.
+        def frr_routes_every_block() -> bool:
+            routes = vtysh(tor, "show ip route json")
+            return all(
+                [
+                    (r["protocol"], r.get("installed"), [h.get("ip") for h in r["nexthops"]])
+                    for r in routes.get(b, [])
+                ]
+                == [("bgp", True, [ip])]
+                for b, ip in blocks.items()
+            )
+
+        wait_until(frr_routes_every_block, ESTABLISH_S, "FRR to install every node's blocks")
+        learned = vtysh(tor, "show ip bgp json")["routes"]
+        assert {b: [h["ip"] for h in learned[b][0]["nexthops"]] for b in blocks} == {
+            b: [ip] for b, ip in blocks.items()
+        }
+
+        # Every node took the ToR's prefix from it, and the sessions are signed (TCP MD5).
+        def routes_to_tor(node: str) -> list[str]:
+            return [
+                r.get("gateway", "") for r in kernel_bird_routes(lab, node) if r["dst"] == tor["originates"]
+            ]
+
+        wait_until(
+            lambda: all(routes_to_tor(node) == [tor["ip"]] for node in underlay),
+            ESTABLISH_S,
+            f"every node to route {tor['originates']} via the ToR",
+        )
+        signed = in_tor(tor, "ss", "-tnHie", "state", "established", "sport", "=", ":179")
+        assert all(f"md5keys:{ip}/32" in signed for ip in underlay.values()), signed
+
+        # Pods reach the ToR's prefix; the ToR reaches every pod (its kernel's BGP routes).
+        for pod, node in pods.items():
+            lab.run(
+                "exec", f"default/{pod}", "--", "ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "192.0.2.1"
+            )
+            ip = lab.pod(f"default/{pod}")["ip"]
+            answer = in_tor(tor, sys.executable, "-I", "-c", ASK, ip, "80").strip()
+            assert answer.startswith(f"default/{pod} "), (node, answer)
+
+        # `lab status` shows each node's session with the ToR as its BIRD reports it.
+        wait_until(
+            lambda: (
+                sorted(s["node"] for s in lab.status()["tor"]["sessions"] if s["info"] == "Established")
+                == sorted(underlay)
+            ),
+            ESTABLISH_S,
+            "every node's session with the ToR to show Established",
+        )
+        assert "ToR" in lab.run("status")
+    assert not [d for d, pid in daemons.items() if (FRR_TMP / f"{d}.{pid}").exists()], "FRR left files"

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
-from trellis.agent.network import ClusterView
+from trellis.agent.config import AgentConfig
+from trellis.agent.network import ClusterView, NetworkController
+from trellis.calc.cluster import parse_cluster
+from trellis.dataplane.kernel.netlink import SocketPool
 from trellis.datastore.base import KV, Event, EventKind
-from trellis.model.ipam import Allocation, Attachment, Block
+from trellis.datastore.sqlite import SqliteDatastore
+from trellis.ipam.allocator import Ipam
+from trellis.model.ipam import INTERNAL_PREFIX, Allocation, Attachment, Block
+from trellis.model.k8s import NODE_PREFIX as K8S_NODE_PREFIX
 from trellis.model.node import Node
 
 BLOCK = Block(ipaddress.IPv4Network("10.244.0.0/26"), "node-1")
@@ -64,3 +71,59 @@ def test_node_deletion_reaches_the_cluster() -> None:
     view.on_update([Event(EventKind.DELETE, NODE.key, None, 3)])
     objects, _ = view.objects()
     assert NODE.key not in objects
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("listed", "pods", "released"),
+    [
+        (False, False, True),
+        (False, True, True),
+        (True, False, True),
+        (True, True, False),
+    ],
+    ids=["node deleted, empty", "node deleted, pods", "node listed, empty", "node listed, pods kept"],
+)
+def test_blocks_of_an_absent_node_go_back_after_the_grace_unless_its_pods_may_still_run(
+    tmp_path: Path, listed: bool, pods: bool, released: bool
+) -> None:
+    """An agent crash-looping past the grace keeps the addresses its running pods hold, as long as
+    the cluster lists its Node; a deleted Node's blocks go back to the pool."""
+    store = SqliteDatastore(tmp_path / "db")
+    config = AgentConfig(node="node-1", state_dir=tmp_path, dead_node_grace_s=60)
+    clock = Clock()
+    controller = NetworkController(
+        config,
+        store,
+        Ipam(store, "node-1", config.pools, config.block_prefixlen),
+        SocketPool(),
+        ("up0", ipaddress.IPv4Interface("172.31.0.11/24")),
+        1450,
+        clock=clock,
+    )
+    block = Block(ipaddress.IPv4Network("10.244.0.64/26"), "node-2").with_allocation(
+        ipaddress.IPv4Address("10.244.0.64"), Allocation(Attachment(INTERNAL_PREFIX + "vtep", "vxlan"), "")
+    )
+    if pods:
+        block = block.with_allocation(
+            ipaddress.IPv4Address("10.244.0.65"), Allocation(Attachment("c", "eth0"), "x/a")
+        )
+    store.create(block.key, block.to_json())
+    objects = {block.key: block.to_json(), **({K8S_NODE_PREFIX + "node-2": {}} if listed else {})}
+    try:
+        for now in (0.0, 59.0):
+            clock.now = now
+            controller._release_dead_blocks(parse_cluster(objects), objects)
+            assert store.get(block.key) is not None, f"released before the grace, at {now} s"
+        clock.now = 61.0
+        controller._release_dead_blocks(parse_cluster(objects), objects)
+        assert (store.get(block.key) is None) == released
+    finally:
+        store.close()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
 
 from trellis.agent.cni_service import CniService
 from trellis.agent.config import AgentConfig
-from trellis.agent.network import ROUTED_BACKENDS, NetworkController
+from trellis.agent.http import serving
+from trellis.agent.metrics import AgentMetrics
+from trellis.agent.network import NetworkController
 from trellis.agent.server import CniServer
 from trellis.dataplane.kernel.netlink import SocketPool, find_uplink
 from trellis.dataplane.kernel.pods import PodNetwork
@@ -19,6 +22,9 @@ from trellis.ipam.allocator import Ipam
 log = logging.getLogger(__name__)
 
 DEFAULT_UPLINK_MTU = 1500
+ROOT_ONLY_UMASK = 0o077
+"""Every file and directory the agent creates (the datastore, status.json, BIRD's files through
+its child process, a new state directory) is for its owner, root, alone."""
 
 
 def run_agent(config: AgentConfig) -> None:
@@ -28,26 +34,25 @@ def run_agent(config: AgentConfig) -> None:
     well within the node lease's TTL and peers keep their routes. Removing a node is an
     operation on the datastore (as deleting a Node object is in Kubernetes).
     """
-    store = open_datastore(config.datastore, config.datastore_path)
+    os.umask(ROOT_ONLY_UMASK)
+    store = open_datastore(config.datastore, config.datastore_path, tls=config.datastore_tls)
     ipam = Ipam(store, config.node, config.pools, config.block_prefixlen)
     pool = SocketPool()
     uplink = find_uplink(pool, config.uplink)
     mtu = config.pod_mtu(uplink.mtu if uplink else DEFAULT_UPLINK_MTU)
     service = CniService(config, ipam, PodNetwork(pool), mtu)
-    server = CniServer(config.socket, service.handle)
+    metrics = AgentMetrics({"node": config.node, "backend": config.backend, "datastore": config.datastore})
+    server = CniServer(config.socket, metrics.instrument_cni(service.handle))
     network: NetworkController | None = None
-    if config.backend not in ROUTED_BACKENDS:
-        log.error(
-            "backend %s cannot route between nodes in this version: pods reach their own node only",
-            config.backend,
-        )
     if uplink is None or uplink.address is None:
         log.error(
             "no uplink with an IPv4 address (%s): no routes to other nodes, no policy, no egress masquerade",
             config.uplink or "default route",
         )
     else:
-        network = NetworkController(config, store, ipam, pool, (uplink.name, uplink.address), mtu)
+        network = NetworkController(
+            config, store, ipam, pool, (uplink.name, uplink.address), mtu, metrics=metrics
+        )
         network.start()
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -67,7 +72,8 @@ def run_agent(config: AgentConfig) -> None:
         mtu,
     )
     try:
-        server.serve_forever(poll_interval=0.2)
+        with serving(config.http_endpoint, metrics, network):
+            server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
         if network is not None:

@@ -13,7 +13,10 @@ Liveness: the node's object is held under a datastore lease renewed every third 
 An agent that stops or dies leaves it to expire, so a restart (upgrade, crash) within the TTL
 disturbs nothing; removing a node is deleting its object, and its routes vanish everywhere at
 once. Blocks of a node absent longer than the grace period are given back to the pool by
-whichever agent notices first (compare-and-swap makes that safe when several do).
+whichever agent notices first (compare-and-swap makes that safe when several do), unless the
+cluster still lists the node (its Kubernetes Node object exists) and the block still holds pod
+addresses: an agent that crash-loops for minutes must not see its running pods' addresses
+handed to another node.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trellis.agent.config import AgentConfig
+from trellis.agent.metrics import AgentMetrics
 from trellis.bgp.bird import Bird, BirdError
 from trellis.calc.bgp import compute_bgp, parse_bgp_objects
 from trellis.calc.cluster import Cluster, parse_cluster
@@ -40,8 +44,10 @@ from trellis.dataplane.kernel.overlay import Overlay, VxlanSpec
 from trellis.dataplane.render.nft import NatState, render_table
 from trellis.datastore.base import KV, Conflict, Datastore, DatastoreError, Event, EventKind, LeaseExpired
 from trellis.datastore.syncer import Syncer
-from trellis.ipam.allocator import Ipam
+from trellis.ipam.allocator import Ipam, block_usage
 from trellis.model.ipam import BLOCK_PREFIX, INTERNAL_PREFIX, Attachment, Block, block_key
+from trellis.model.k8s import CLUSTER_NETWORK_POLICY_PREFIX, NETWORK_POLICY_PREFIX
+from trellis.model.k8s import NODE_PREFIX as K8S_NODE_PREFIX
 from trellis.model.naming import host_veth_name
 from trellis.model.node import STATUS_FILE, Node
 
@@ -57,6 +63,16 @@ ROUTED_BACKENDS = ("vxlan", "host-gw", "vxlan-cross-subnet")
 """Backends whose routes the agent programs itself (bgp's come from BIRD)."""
 COALESCE_S = 0.01
 """After a change, wait this long for the rest of its burst before reconciling (seconds)."""
+READY_LAG_S = 10.0
+"""How long the kernel may trail the datastore's last change and the node still be ready: a
+pass in flight is normal, a reconciler that has not completed one for this long is not (seconds)."""
+POLICY_KINDS = {
+    "networkpolicies": NETWORK_POLICY_PREFIX,
+    "clusternetworkpolicies": CLUSTER_NETWORK_POLICY_PREFIX,
+}
+"""Policy objects counted in `status.json`: kind -> key prefix."""
+TABLE_COUNTS = {"chains": "chain", "rules": "rule"}
+"""What of the nftables table `status.json` counts: name -> object added by the table's commands."""
 
 
 @dataclass(frozen=True)
@@ -69,18 +85,23 @@ class LocalEndpoint:
 class ClusterView:
     """Every object under `/trellis/`, as the syncer delivers it (a SyncConsumer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: AgentMetrics | None = None) -> None:
         self._lock = threading.Lock()
         self._objects: dict[str, dict[str, Any]] = {}
         self._revision = 0
+        self.metrics = metrics or AgentMetrics()
         self.changed = threading.Event()
         self.synced = threading.Event()
+        """Set while the view follows the datastore: from a snapshot until the next outage."""
+        self.sync_problem = "no snapshot yet"
+        """Why the view is not in sync, while it is not."""
 
     def on_snapshot(self, items: list[KV], revision: int) -> None:
         with self._lock:
             self._objects = {kv.key: kv.value for kv in items}
             self._revision = revision
         log.info("datastore in sync at revision %d (%d objects)", revision, len(items))
+        self.metrics.datastore_synced(revision)
         self.synced.set()
         self.changed.set()
 
@@ -92,15 +113,24 @@ class ClusterView:
                 else:
                     self._objects.pop(event.key, None)
             self._revision = max(self._revision, events[-1].mod_revision)
+        self.metrics.datastore_updated(self._revision)
         self.changed.set()
 
     def on_out_of_sync(self, reason: str) -> None:
         log.warning("datastore out of sync (%s): keeping the kernel as it is until it returns", reason)
+        self.sync_problem = reason
+        self.synced.clear()
+        self.metrics.datastore_lost()
 
     def objects(self) -> tuple[dict[str, dict[str, Any]], int]:
         """A copy of every object, and the store revision it reflects."""
         with self._lock:
             return dict(self._objects), self._revision
+
+    @property
+    def revision(self) -> int:
+        with self._lock:
+            return self._revision
 
 
 class NetworkController:
@@ -113,15 +143,17 @@ class NetworkController:
         uplink: tuple[str, ipaddress.IPv4Interface],
         mtu: int,
         clock: Callable[[], float] = time.monotonic,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or AgentMetrics()
         self.store = store
         self.ipam = ipam
         self.overlay = Overlay(pool)
         self.uplink_name, self.underlay = uplink
         self.mtu = mtu
         self.clock = clock
-        self.view = ClusterView()
+        self.view = ClusterView(self.metrics)
         self.syncer = Syncer(store, CLUSTER_PREFIX, self.view)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -132,8 +164,17 @@ class NetworkController:
         self._last_routes: DesiredRoutes | None = None
         self._last_full = float("-inf")
         self._problems: dict[str, tuple[str, ...]] = {}
+        self._programmed: tuple[int, float] | None = None
+        """(revision, clock time) of the last pass that programmed the kernel completely."""
+        self._failure: str | None = None
+        """Why the last pass failed; None once one succeeds."""
         self.bird = Bird(config.state_dir) if config.backend == "bgp" else None
         """The node's BIRD, for the bgp backend: it learns and installs the routes to other nodes."""
+
+    @property
+    def period_s(self) -> float:
+        """Longest wait between two passes (each renews the lease and rewrites status.json; seconds)."""
+        return min(RESYNC_S, self.config.node_ttl_s / 3)
 
     @property
     def uses_vxlan(self) -> bool:
@@ -174,9 +215,11 @@ class NetworkController:
                 self.reconcile()
             except DatastoreError as err:
                 log.warning("datastore unavailable, keeping the kernel as it is: %s", err)
+                self._failed("datastore", f"datastore unavailable: {err}")
             except (KernelError, NftError, BirdError, OSError) as err:
                 log.error("programming the kernel failed (retried on the next change or resync): %s", err)
-            if self.view.changed.wait(timeout=min(RESYNC_S, self.config.node_ttl_s / 3)):
+                self._failed("dataplane", f"programming the kernel failed: {err}")
+            if self.view.changed.wait(timeout=self.period_s):
                 # Let a burst (a pod ADD writes its block, then its Pod object) land first, and
                 # keep this pass off the CPU while the CNI request that caused it finishes.
                 self._stopping.wait(COALESCE_S)
@@ -226,7 +269,8 @@ class NetworkController:
         if self.config.backend in ROUTED_BACKENDS:
             desired = compute_routes(self.config.backend, self.config.node, cluster.nodes, cluster.blocks)
             if resync or desired != self._last_routes:
-                changes = self.overlay.apply(desired, self.uplink_name)
+                with self.metrics.timing("routes"):
+                    changes = self.overlay.apply(desired, self.uplink_name)
                 self._last_routes = desired
                 if changes:
                     log.info(
@@ -238,14 +282,15 @@ class NetworkController:
                     )
             self._report_problems("routes", desired.problems)
         elif self.bird is not None and self._node is not None:
-            self._apply_bgp(objects, cluster)
+            with self.metrics.timing("bgp"):
+                self._apply_bgp(objects, cluster)
         local = self._local_endpoints(objects)
         policy = self._policy(objects, local) if self.config.policy else None
         self._apply_table(cluster, local, policy, force=resync)
         if resync:
             self._last_full = self.clock()
-        self._release_dead_blocks(cluster)
-        self._publish(revision, policy)
+        self._release_dead_blocks(cluster, objects)
+        self._publish(revision, objects, local, policy)
 
     def _apply_bgp(self, objects: dict[str, dict[str, Any]], cluster: Cluster) -> None:
         assert self.bird is not None and self._node is not None
@@ -263,20 +308,27 @@ class NetworkController:
             )
         self._report_problems("bgp", desired.problems)
 
+    def _local_blocks(self, objects: dict[str, dict[str, Any]]) -> list[Block]:
+        return [
+            Block.from_json(value)
+            for key, value in objects.items()
+            if key.startswith(BLOCK_PREFIX) and value.get("node") == self.config.node
+        ]
+
     def _local_endpoints(self, objects: dict[str, dict[str, Any]]) -> list[LocalEndpoint]:
         """Every pod attached on this node, from its blocks' allocations."""
         return [
             LocalEndpoint(allocation.pod, host_veth_name(allocation.attachment), address)
-            for key, value in objects.items()
-            if key.startswith(BLOCK_PREFIX) and value.get("node") == self.config.node
-            for address, allocation in Block.from_json(value).allocations.items()
+            for block in self._local_blocks(objects)
+            for address, allocation in block.allocations.items()
             if not allocation.attachment.internal
         ]
 
     def _policy(self, objects: dict[str, dict[str, Any]], local: list[LocalEndpoint]) -> PolicyState:
-        inputs, errors = read_policy_inputs(objects)
+        with self.metrics.timing("policy"):
+            inputs, errors = read_policy_inputs(objects)
+            state = compute_policy(inputs, self.config.node, {e.pod: e.interface for e in local})
         self._report_problems("policy objects", errors)
-        state = compute_policy(inputs, self.config.node, {e.pod: e.interface for e in local})
         self._report_problems("endpoints", state.problems)
         return state
 
@@ -290,7 +342,8 @@ class NetworkController:
             NatState(pod_nets=pools, cluster_nets=pools | nodes, pod_sources=sources), policy
         )
         if force or commands != self._last_table:
-            nft.apply(commands)
+            with self.metrics.timing("nftables"):
+                nft.apply(commands)
             if commands != self._last_table:
                 log.info(
                     "nftables table inet trl replaced (%d cluster destinations, %s)",
@@ -300,14 +353,23 @@ class NetworkController:
             self._last_table = commands
 
     def _report_problems(self, what: str, problems: tuple[str, ...]) -> None:
-        """Log problems when they change, not on every reconcile."""
-        if self._problems.get(what) != problems:
-            for problem in problems:
+        """Log each problem once, when it appears, not on every reconcile (a burst of pods would
+        otherwise log every earlier pod's problem again on each pass)."""
+        known = set(self._problems.get(what, ()))
+        for problem in problems:
+            if problem not in known:
                 log.warning("%s: %s", what, problem)
-            self._problems[what] = problems
+        self._problems[what] = problems
 
-    def _publish(self, revision: int, policy: PolicyState | None) -> None:
-        """`status.json` in the state dir: the datastore revision the kernel now reflects."""
+    def _publish(
+        self,
+        revision: int,
+        objects: dict[str, dict[str, Any]],
+        local: list[LocalEndpoint],
+        policy: PolicyState | None,
+    ) -> None:
+        """`status.json` in the state dir: the datastore revision the kernel now reflects, and
+        what the node holds (`trellis status` shows it; the metrics' node gauges read it)."""
         status = {
             "node": self.config.node,
             "revision": revision,
@@ -315,6 +377,22 @@ class NetworkController:
             "policy": policy is not None,
             "endpoints_with_policy": 0 if policy is None else len(policy.endpoints),
             "problems": [p for problems in self._problems.values() for p in problems],
+            "written_at": time.time(),
+            "period_s": self.period_s,
+            "datastore": {"kind": self.config.datastore, "in_sync": self.view.synced.is_set()},
+            "blocks": [
+                {"cidr": str(b.cidr), "used": b.used, "size": b.size}
+                for b in block_usage(self._local_blocks(objects))
+            ],
+            "endpoints": len(local),
+            "policies": {
+                kind: sum(1 for key in objects if key.startswith(prefix))
+                for kind, prefix in POLICY_KINDS.items()
+            },
+            "nftables": {
+                name: sum(1 for command in self._last_table or [] if kind in command.get("add", {}))
+                for name, kind in TABLE_COUNTS.items()
+            },
         }
         if self.bird is not None:
             try:
@@ -323,26 +401,58 @@ class NetworkController:
                 log.warning("BIRD status unavailable: %s", err)
                 protocols = ()
             status["bgp"] = [
-                {"name": p.name, "state": p.state, "info": p.info} for p in protocols if p.proto == "BGP"
+                {"name": p.name, "state": p.state, "info": p.info, "established": p.established}
+                for p in protocols
+                if p.proto == "BGP"
             ]
         path = self.config.state_dir / STATUS_FILE
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(status, indent=2) + "\n")
         tmp.replace(path)
+        self.metrics.programmed(status)
+        self._programmed, self._failure = (revision, self.clock()), None
 
-    def _release_dead_blocks(self, cluster: Cluster) -> None:
+    def _failed(self, cause: str, reason: str) -> None:
+        """A pass failed: counted, and the node is not ready until one succeeds."""
+        self.metrics.reconcile_failed(cause)
+        self._failure = reason
+
+    def liveness(self) -> str | None:
+        """Why the agent should be restarted (its reconciler thread died), None while it runs."""
+        dead = [thread.name for thread in self._threads if not thread.is_alive()]
+        return f"thread {', '.join(dead)} ended" if dead else None
+
+    def readiness(self) -> str | None:
+        """Why the node is not ready, None when it is: the datastore is in sync and the kernel
+        programmed to its last change (or a pass completed less than READY_LAG_S ago)."""
+        if not self.view.synced.is_set():
+            return f"datastore not in sync: {self.view.sync_problem}"
+        if self._failure is not None:
+            return self._failure
+        if self._programmed is None:
+            return "kernel not programmed yet"
+        programmed, at = self._programmed
+        revision = self.view.revision
+        if programmed < revision and self.clock() - at > READY_LAG_S:
+            return f"kernel programmed to revision {programmed}, datastore at {revision}"
+        return None
+
+    def _release_dead_blocks(self, cluster: Cluster, objects: dict[str, dict[str, Any]]) -> None:
         now = self.clock()
         owners = {owner for _, owner in cluster.blocks}
         for name in owners - set(cluster.nodes):
             since = self._absent_since.setdefault(name, now)
             if now - since < self.config.dead_node_grace_s:
                 continue
+            listed = K8S_NODE_PREFIX + name in objects
             for cidr, owner in cluster.blocks:
                 if owner != name:
                     continue
                 kv = self.store.get(block_key(cidr))
                 if kv is None:
                     continue
+                if listed and not Block.from_json(kv.value).workload_free:
+                    continue  # its pods may still run: wait for the Node object's deletion
                 try:
                     self.store.delete(kv.key, kv.mod_revision)
                     log.info("released block %s of node %s (absent for %.0f s)", cidr, name, now - since)

@@ -9,7 +9,14 @@ import socket
 import sys
 from pathlib import Path
 
-from trellis.agent.config import BACKEND_OVERHEAD, DEFAULT_SOCKET, AgentConfig
+from trellis.agent.config import (
+    BACKEND_OVERHEAD,
+    DEFAULT_HTTP_ADDRESS,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    AgentConfig,
+)
+from trellis.cni.client import SUPPORTED_VERSIONS
 from trellis.cni.install import install
 
 
@@ -22,11 +29,15 @@ def _agent(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         datastore=args.datastore,
         datastore_location=args.datastore_location,
+        etcd_ca=args.etcd_ca,
+        etcd_cert=args.etcd_cert,
+        etcd_key=args.etcd_key,
         pools=tuple(args.pool or [ipaddress.IPv4Network("10.244.0.0/16")]),
         block_prefixlen=args.block_size,
         backend=args.backend,
         mtu=args.mtu,
         policy=args.policy == "on",
+        http_address=args.http_address,
     )
     run_agent(config)
     return 0
@@ -48,13 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--socket", type=Path, default=DEFAULT_SOCKET, help=f"CNI socket (default {DEFAULT_SOCKET})"
     )
-    agent.add_argument("--state-dir", type=Path, default=Path("/var/lib/trellis"))
-    agent.add_argument("--datastore", default="sqlite", choices=["sqlite", "etcd"])
+    agent.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    agent.add_argument("--datastore", default="sqlite", choices=["sqlite", "etcd", "kubernetes"])
     agent.add_argument(
         "--datastore-location",
         default="",
-        help="sqlite: the file (default STATE_DIR/trellis.db); etcd: a URL such as http://HOST:2379",
+        help="sqlite: the file (default STATE_DIR/trellis.db); etcd: a URL such as http://HOST:2379; "
+        "kubernetes: a kubeconfig file (default: the in-cluster service account)",
     )
+    for flag, what in (
+        ("--etcd-ca", "CA bundle that signs etcd's server certificate (default: the system's CAs)"),
+        ("--etcd-cert", "client certificate for an etcd that requires one (with --etcd-key)"),
+        ("--etcd-key", "private key of --etcd-cert"),
+    ):
+        agent.add_argument(flag, type=Path, metavar="FILE", help=f"etcd over https://: PEM {what}")
     agent.add_argument("--pool", type=ipaddress.IPv4Network, action="append", help="IP pool (repeatable)")
     agent.add_argument("--block-size", type=int, default=26, help="block prefix length (default 26)")
     agent.add_argument("--backend", default="vxlan", choices=sorted(BACKEND_OVERHEAD))
@@ -63,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         choices=["on", "off"],
         default="on",
-        help="enforce NetworkPolicy (default on; pods without a Pod object are then dropped)",
+        help="enforce NetworkPolicy (default on: a Kubernetes pod without a Pod object is then dropped; "
+        "attachments without Kubernetes arguments, such as podman's, stay open)",
+    )
+    agent.add_argument(
+        "--http-address",
+        default=DEFAULT_HTTP_ADDRESS,
+        help=f"HOST:PORT of /metrics, /healthz and /readyz (default {DEFAULT_HTTP_ADDRESS}; '' disables)",
     )
     agent.set_defaults(func=_agent)
 
@@ -76,15 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--chain", action="store_true", help="chain the reference portmap and bandwidth plugins"
     )
     inst.add_argument(
-        "--cni-version", default="1.1.0", help="conflist cniVersion (1.0.0 for Debian's plugins)"
+        "--cni-version",
+        default="1.1.0",
+        choices=SUPPORTED_VERSIONS,
+        help="conflist cniVersion (1.0.0 for Debian's plugins and podman 4.3)",
     )
     inst.set_defaults(func=_install_cni)
 
     from trellis.cli.policy import add_policy_parser
+    from trellis.cli.status import add_status_parser
     from trellis.lab.cli import add_lab_parser
 
     add_lab_parser(sub)
     add_policy_parser(sub)
+    add_status_parser(sub)
     return parser
 
 

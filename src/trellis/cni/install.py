@@ -48,7 +48,8 @@ def launcher_source(module_dir: Path, interpreter: Path) -> str:
 def conflist(mtu: int = 0, chain: bool = False, version: str = "1.1.0") -> dict[str, Any]:
     """The network config: Trellis, and with `chain` the reference portmap and bandwidth after it.
 
-    Chained plugins must speak `version`: Debian's reference plugins (1.1.1) stop at 1.0.0.
+    The runtime and chained plugins must speak `version`: Debian's reference plugins (1.1.1)
+    and podman 4.3's libcni stop at 1.0.0 (docs/design/cni.md, "Running under podman").
     """
     trellis: dict[str, Any] = {"type": PLUGIN_NAME}
     if mtu:

@@ -5,7 +5,9 @@ everything" and "here is what changed", never revisions, compaction or outages. 
 Felix is fed the same way (snapshot, updates, in-sync). The syncer lists the prefix, then
 watches from the revision of what it last delivered, so no change is lost or delivered twice.
 When that history is gone (Compacted) or the store fails, it lists again and hands the consumer
-a fresh snapshot, which replaces everything the consumer held; failures back off exponentially.
+a fresh snapshot, which replaces everything the consumer held; failures back off exponentially,
+to at most 2 s: when the store returns after an outage, the consumer is in sync again within
+that (listing a prefix costs the store one read, so retrying that often is cheap).
 
 `step()` does one list or one watch and is what the tests drive, without threads; `start()`
 runs steps on a thread of its own until `stop()`.
@@ -50,9 +52,10 @@ class Syncer:
         *,
         watch_timeout_s: float = 1.0,
         retry_initial_s: float = 0.1,
-        retry_max_s: float = 5.0,
+        retry_max_s: float = 2.0,
     ) -> None:
-        """`watch_timeout_s` bounds one watch, and so how long stop() can take."""
+        """`watch_timeout_s` bounds one watch, and so how long stop() can take; after a failure
+        the next try waits `retry_initial_s`, doubling up to `retry_max_s` (seconds)."""
         self.store = store
         self.prefix = prefix
         self.consumer = consumer

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from trellis.lab import bgp, cluster, demo, nodes
+from trellis.lab import bgp, cluster, demo, frr, nodes, outage
 from trellis.lab.errors import LabError
 from trellis.lab.manifest import PROTOCOLS, LabObject, parse
 from trellis.lab.probe import checks_for
@@ -64,6 +64,14 @@ def _node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _datastore(args: argparse.Namespace) -> int:
+    if args.datastore_command == "stop":
+        outage.stop_datastore(args.name, report=print)
+    else:
+        outage.start_datastore(args.name, report=print)
+    return 0
+
+
 def _down(args: argparse.Namespace) -> int:
     removed = cluster.down(args.name)
     print(f"lab {args.name} {'removed' if removed else 'does not exist: nothing to remove'}")
@@ -102,6 +110,8 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     console.print(nodes_table(state, nodes))
+    if state.bgp_topology == "tor":
+        console.print(frr.summary(paths, state))
     console.print(pods_table(state))
     return 0
 
@@ -188,8 +198,9 @@ def add_lab_parser(sub: Any) -> None:
         "--bgp-topology",
         choices=bgp.TOPOLOGIES,
         default="mesh",
-        help="with --backend bgp: mesh (every node peers with every other) or rr (route reflectors "
-        "node-1, and node-2 from 4 nodes); default mesh",
+        help="with --backend bgp: mesh (every node peers with every other), rr (route reflectors "
+        "node-1, and node-2 from 4 nodes) or tor (the mesh, and every node peers with a ToR router "
+        "running FRR that originates 192.0.2.0/24); default mesh",
     )
     up.add_argument("--datastore", choices=cluster.DATASTORES, default="sqlite", help="default sqlite")
     up.add_argument(
@@ -209,6 +220,19 @@ def add_lab_parser(sub: Any) -> None:
         verb = node_commands.add_parser(name, parents=[common], help=text, description=text)
         verb.add_argument("node", type=argument_type(check_node_name), help="the node's name (a DNS label)")
         verb.set_defaults(func=guarded(_node, f"trellis lab node {name}"))
+
+    datastore: argparse.ArgumentParser = commands.add_parser(
+        "datastore",
+        help="stop the lab's etcd (an outage on purpose), or start it again",
+        description="stop the lab's etcd (an outage on purpose), or start it again",
+    )
+    datastore_commands = datastore.add_subparsers(dest="datastore_command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("stop", "kill the lab's etcd (SIGKILL) and keep it down; the agents keep the network as it is"),
+        ("start", "start the lab's etcd again on its data; returns once it is healthy"),
+    ):
+        verb = datastore_commands.add_parser(name, parents=[common], help=text, description=text)
+        verb.set_defaults(func=guarded(_datastore, f"trellis lab datastore {name}"))
 
     for name, handler, text in (
         ("apply", _apply, "create or update the Namespaces, Pods and policies of a YAML file"),

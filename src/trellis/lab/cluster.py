@@ -25,7 +25,7 @@ from typing import Any
 
 from trellis.calc.routes import BACKENDS as ROUTED_BACKENDS
 from trellis.cni.install import CONFLIST_NAME
-from trellis.lab import bgp, converge, fabric, kube, store
+from trellis.lab import bgp, converge, fabric, frr, kube, store
 from trellis.lab.errors import LabError, LabNotFound
 from trellis.lab.manifest import (
     DEFAULT_NAMESPACE,
@@ -61,6 +61,7 @@ from trellis.lab.state import (
     pod_netns,
     save,
     take_source_ports,
+    tor_netns,
 )
 from trellis.lab.supervisor import current_agent, current_process, read_record, start_supervisor
 from trellis.model.k8s import NETWORK_POLICY_PREFIX
@@ -99,6 +100,8 @@ def up(
         raise LabError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if bgp_topology not in bgp.TOPOLOGIES:
         raise LabError(f"BGP topology {bgp_topology!r} is not one of {', '.join(bgp.TOPOLOGIES)}")
+    if backend == "bgp":
+        bgp.check_subnets(bgp_topology, subnets)
     if datastore not in DATASTORES:
         raise LabError(f"datastore {datastore!r} is not one of {', '.join(DATASTORES)}")
     store.check_available(datastore)
@@ -108,6 +111,8 @@ def up(
     if paths.dir.exists():
         raise LabError(already_exists(name))
     wanted = [fabric_netns(name), external_netns(name), *(node_netns(name, n) for n in node_names(nodes))]
+    if backend == "bgp" and bgp_topology == "tor":
+        wanted.append(tor_netns(name))
     taken = [netns for netns in wanted if fabric.netns_exists(netns)]
     if taken:
         raise LabError(f"network namespace {taken[0]} already exists, yet lab {name} does not")
@@ -154,7 +159,7 @@ def _build(paths: LabPaths, state: LabState, report: Report) -> None:
         report(f"datastore: etcd at {store.location(paths, state)}, in {state.fabric_netns}")
     objects = [kube.namespace_object(DEFAULT_NAMESPACE, {})]
     if state.bgp_topology is not None:
-        objects += bgp.topology_objects(state.bgp_topology, state.nodes)
+        objects += bgp.set_up(paths, state, report)
         report(f"BGP: topology {state.bgp_topology}")
     wait_joined(paths, state, state.nodes, objects)
 
@@ -165,7 +170,7 @@ def _teardown(paths: LabPaths, state: LabState) -> None:
     nodes = [*state.nodes, *state.retired]
     stop([current_agent(paths, node.name) for node in nodes])  # in case it could not
     if state.backend == "bgp":
-        bgp.stop_birds(paths, nodes)  # a killed agent leaves its BIRD running
+        bgp.tear_down(paths, state, nodes)  # BIRDs (a killed agent leaves its own running), the ToR
     stop([current_process(paths.etcd_record)])
     stop([state.external_server, *(pod.server for pod in state.pods.values())], grace_s=2.0)
     for netns in [
@@ -373,9 +378,13 @@ def status_json(paths: LabPaths, state: LabState, nodes: list[NodeStatus]) -> di
         "datastore": state.datastore,
         "datastore_location": store.location(paths, state),
         "etcd_pid": None if (etcd := current_process(paths.etcd_record)) is None else etcd.pid,
+        "datastore_stopped": state.datastore_stopped,
         "underlay": str(state.subnets[0]),
         "subnets": [str(s) for s in state.subnets],
         "bgp_topology": state.bgp_topology,
+        "tor": (
+            frr.status(paths, state, {n.name: n.bgp for n in nodes}) if state.bgp_topology == "tor" else None
+        ),
         "fabric_netns": state.fabric_netns,
         "supervisor_pid": None if state.supervisor is None else state.supervisor.pid,
         "external": {

@@ -15,6 +15,7 @@ Layout of a lab with underlay subnets 172.31.L.0/24, 172.31.M.0/24, ...:
   node k `trl-<lab>-node-k`:  `trl-eth0` 172.31.S.(10+k)/24 on its subnet S, default route via
                               172.31.S.1, ip_forward on (a Kubernetes node routes between its pods)
   external `trl-<lab>-ext`:   `trl-eth0` 172.31.L.254/24, default route via 172.31.L.1
+  ToR `trl-<lab>-tor`:        (BGP topology tor only) port `trl-tor`, `trl-eth0` 172.31.L.253/24
 One bridge carries every subnet, yet a node reaches another subnet only through the fabric's
 router: with redirects off, nothing tells it of the shortcut, as on separate L2 segments.
 The default route is also what lets each pod's host veth answer ARP for 169.254.1.1 by proxy.
@@ -41,6 +42,7 @@ from trellis.lab.errors import LabError
 BRIDGE = "trl-br0"
 NODE_UPLINK = "trl-eth0"
 EXTERNAL_PORT = "trl-ext"
+ROUTER_PORT = "trl-tor"
 
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -216,6 +218,11 @@ def add_node(fabric: str, index: int, netns: str, address: ipaddress.IPv4Interfa
 def add_external(fabric: str, netns: str, address: ipaddress.IPv4Interface) -> None:
     """The external host: a namespace on the fabric that is no node, for egress to reach."""
     _attach(fabric, EXTERNAL_PORT, netns, address)
+
+
+def add_router(fabric: str, netns: str, address: ipaddress.IPv4Interface) -> None:
+    """A router on the fabric beside the nodes (the ToR of BGP topology tor, `lab/frr.py`)."""
+    _attach(fabric, ROUTER_PORT, netns, address)
 
 
 def remove_port(fabric: str, port: str) -> None:

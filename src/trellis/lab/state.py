@@ -47,7 +47,7 @@ PROBE_SOURCE_PORTS = range(32768, 61000)
 
 _LAB_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_RESERVED_NODE_NAMES = ("fabric", "ext")
+_RESERVED_NODE_NAMES = ("fabric", "ext", "tor")
 
 
 def check_lab_name(name: str) -> str:
@@ -77,6 +77,11 @@ def fabric_netns(lab: str) -> str:
 
 def external_netns(lab: str) -> str:
     return f"trl-{lab}-ext"
+
+
+def tor_netns(lab: str) -> str:
+    """The top-of-rack router of BGP topology `tor` (`lab/frr.py`)."""
+    return f"trl-{lab}-tor"
 
 
 def node_netns(lab: str, node: str) -> str:
@@ -274,6 +279,11 @@ class LabState:
     every agent must report at least this one before a command that waits returns."""
     bgp_topology: str | None = None
     """With backend bgp: the topology `up` set up (`lab/bgp.py`); None with other backends."""
+    tor_daemons: dict[str, ProcessRef] = field(default_factory=dict)
+    """With BGP topology tor: the ToR's FRR daemons by name (`zebra`, `bgpd`; `lab/frr.py`)."""
+    datastore_stopped: bool = False
+    """With etcd: the server is held stopped on purpose (`lab datastore stop`, `outage.py`) until
+    `lab datastore start`; the supervisor does not restart it meanwhile."""
 
     @property
     def fabric_netns(self) -> str:
@@ -328,6 +338,8 @@ class LabState:
             "revision": self.revision,
             "api_revision": self.api_revision,
             "bgp_topology": self.bgp_topology,
+            "tor_daemons": {name: ref.to_json() for name, ref in self.tor_daemons.items()},
+            "datastore_stopped": self.datastore_stopped,
         }
 
     @classmethod
@@ -350,6 +362,12 @@ class LabState:
             revision=int(data["revision"]),
             api_revision=int(data.get("api_revision", 0)),  # labs made before the lab wrote objects
             bgp_topology=data.get("bgp_topology"),
+            tor_daemons={
+                name: ref
+                for name, raw in data.get("tor_daemons", {}).items()
+                if (ref := ProcessRef.from_json(raw)) is not None
+            },
+            datastore_stopped=bool(data.get("datastore_stopped", False)),
         )
 
 

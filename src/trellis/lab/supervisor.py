@@ -8,7 +8,8 @@ the node's namespace and records the agent's PID and start time in nodes/<node>/
 lab's etcd server in the fabric namespace (recorded in etcd.json) and waits until it is healthy.
 
 It does nothing but wait for signals: SIGCHLD (a child exited: start it again), SIGHUP (the
-lab's nodes changed) and SIGTERM (stop the agents, then etcd, then exit). On every wake-up it
+lab's nodes changed, or its etcd is to be held stopped or released: `outage.py`) and SIGTERM
+(stop the agents, then etcd, then exit). On every wake-up it
 reads the lab's state and keeps exactly its nodes' agents, so `lab node add` and `node remove`
 only change the state and send SIGHUP; an agent of a node no longer in the state is never
 started again, whatever the order of the signals. A child that keeps dying soon after starting
@@ -112,7 +113,9 @@ class _Child:
     restarts: int = 0
     quick_exits: int = 0
     due: float | None = 0.0
-    """Monotonic time at which to start the child; None while it runs."""
+    """Monotonic time at which to start the child; None while it runs (or is held)."""
+    held: bool = False
+    """Kept stopped on purpose (the lab's `datastore stop`): not started until released."""
 
     def start(self) -> None:
         try:
@@ -167,6 +170,22 @@ class _Child:
         self.restarts += 1
         self._record(process=None, last_exit=code)
 
+    def hold(self, held: bool) -> None:
+        """Kill the child (SIGKILL: a crash, no clean shutdown) and keep it stopped while
+        `held`; once released, start it again at the next wake-up."""
+        if held and not self.held:
+            if self.proc is not None:
+                log.warning("%s: held stopped: SIGKILL to pid %d", self.label, self.proc.pid)
+                self.proc.kill()
+                self.proc.wait()
+                self._record(process=None, last_exit=self.proc.returncode)
+                self.proc = None
+            self.due = None
+        elif self.held and not held:
+            log.info("%s: released", self.label)
+            self.due = time.monotonic()
+        self.held = held
+
     def terminate(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
@@ -208,13 +227,16 @@ def _stop(children: list[_Child]) -> None:
         child.reap(deadline)
 
 
-def _follow(paths: LabPaths, agents: dict[str, _Child]) -> None:
-    """Keep `agents` (by node) exactly the agents of the nodes the lab's state holds now.
+def _follow(paths: LabPaths, agents: dict[str, _Child], etcd: list[_Child]) -> None:
+    """Keep `agents` (by node) exactly the agents of the nodes the lab's state holds now, and
+    `etcd` held stopped or not as the state says.
 
     Then record the state's revision: a command that removed a node and waits for that
     revision knows its agent is stopped and will not be started again.
     """
     state = load(paths)
+    for child in etcd:
+        child.hold(state.datastore_stopped)
     wanted = {node.name: node for node in state.nodes}
     gone = [agents.pop(name) for name in list(agents) if name not in wanted]
     if gone:
@@ -259,7 +281,7 @@ def supervise(paths: LabPaths) -> None:
     log.info("supervising lab %s", state.name)
     try:
         while True:
-            _follow(paths, agents)
+            _follow(paths, agents, etcd)
             children = [*etcd, *agents.values()]
             now = time.monotonic()
             for child in children:

@@ -56,6 +56,11 @@ class Block:
     def size(self) -> int:
         return self.cidr.num_addresses
 
+    @property
+    def workload_free(self) -> bool:
+        """No pod holds an address here (the agent's own, such as its VTEP's, don't count)."""
+        return all(alloc.attachment.internal for alloc in self.allocations.values())
+
     def free_address(self) -> ipaddress.IPv4Address | None:
         """The lowest address not allocated, or None when the block is full."""
         for address in self.cidr:

@@ -1,0 +1,338 @@
+"""The agent's metrics and HTTP endpoint without root: a real CNI service over SQLite (fake pod
+plumbing, as in test_cni_service), a real network controller that is never started (nothing
+touches the kernel), and scrapes parsed by prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import cni_env, net_conf
+from tests.unit.test_cni_service import Agent
+from trellis.agent.config import AgentConfig
+from trellis.agent.http import NOT_FOLLOWING, AgentHttpServer, Health, serving
+from trellis.agent.metrics import AgentMetrics
+from trellis.agent.network import READY_LAG_S, ClusterView, NetworkController
+from trellis.dataplane.kernel.netlink import SocketPool
+from trellis.datastore.base import KV, Event, EventKind
+from trellis.datastore.sqlite import SqliteDatastore
+from trellis.ipam.allocator import Ipam
+from trellis.model.ipam import Allocation, Attachment, Block
+from trellis.model.node import STATUS_FILE
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(metrics: AgentMetrics) -> Samples:
+    """Every sample of a scrape in the Prometheus text format, parsed: (name, labels) -> value."""
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- CNI requests ------------------------------------------------------------------------------
+
+
+def test_cni_requests_are_counted_by_command_and_result(tmp_path: Path) -> None:
+    """Results are `ok` or the CNI error code of the reply; an unknown command is `other`."""
+    agent = Agent(tmp_path)
+    metrics = AgentMetrics()
+    handle = metrics.instrument_cni(agent.service.handle)
+    try:
+        for container in ("c1", "c2"):
+            assert handle(*_request("ADD", container))[0] == 0
+        assert handle(*_request("DEL", "c1"))[0] == 0
+        agent.store.down = True
+        assert handle(*_request("ADD", "c3"))[0] == 1
+        agent.store.down = False
+        assert handle(*_request("HELLO", "c4"))[0] == 1
+    finally:
+        agent.store.close()
+    samples = scrape(metrics)
+    assert value(samples, "trellis_cni_requests_total", command="ADD", result="ok") == 2
+    assert value(samples, "trellis_cni_requests_total", command="DEL", result="ok") == 1
+    assert value(samples, "trellis_cni_requests_total", command="ADD", result="11") == 1
+    assert value(samples, "trellis_cni_requests_total", command="other", result="4") == 1
+    assert value(samples, "trellis_cni_request_duration_seconds_count", command="ADD") == 3
+    assert value(samples, "trellis_cni_request_duration_seconds_bucket", command="DEL", le="+Inf") == 1
+
+
+def _request(command: str, container: str) -> tuple[dict[str, str], bytes]:
+    return cni_env(command, CNI_CONTAINERID=container), net_conf()
+
+
+def test_every_agent_counts_in_a_registry_of_its_own() -> None:
+    first, second = AgentMetrics(), AgentMetrics()
+    first.reconcile_failed("datastore")
+    assert value(scrape(first), "trellis_reconcile_errors_total", cause="datastore") == 1
+    assert ("trellis_reconcile_errors_total", frozenset({("cause", "datastore")})) not in scrape(second)
+    assert not [name for name in REGISTRY._names_to_collectors if name.startswith("trellis")]
+
+
+def test_agent_info_names_node_backend_and_datastore() -> None:
+    metrics = AgentMetrics({"node": "node-1", "backend": "vxlan", "datastore": "etcd"})
+    assert value(scrape(metrics), "trellis_agent_info", node="node-1", backend="vxlan", datastore="etcd") == 1
+
+
+# -- reconcile steps ---------------------------------------------------------------------------
+
+
+def test_a_step_is_timed_even_when_it_fails() -> None:
+    metrics = AgentMetrics()
+    with metrics.timing("nftables"):
+        pass
+    with pytest.raises(OSError), metrics.timing("nftables"):
+        raise OSError("refused")
+    samples = scrape(metrics)
+    assert value(samples, "trellis_reconcile_duration_seconds_count", kind="nftables") == 2
+    assert ("trellis_reconcile_duration_seconds_count", frozenset({("kind", "routes")})) not in samples
+
+
+# -- datastore sync ----------------------------------------------------------------------------
+
+
+def test_sync_state_follows_what_the_view_receives() -> None:
+    clock = Clock()
+    metrics = AgentMetrics(clock=clock)
+    view = ClusterView(metrics)
+    before = scrape(metrics)
+    assert value(before, "trellis_datastore_in_sync") == 0
+    assert math.isnan(value(before, "trellis_datastore_seconds_since_event"))
+
+    view.on_snapshot([], 5)
+    clock.now += 2.5
+    samples = scrape(metrics)
+    assert value(samples, "trellis_datastore_in_sync") == 1
+    assert value(samples, "trellis_datastore_revision") == 5
+    assert value(samples, "trellis_datastore_snapshots_total") == 1
+    assert value(samples, "trellis_datastore_seconds_since_event") == 2.5
+
+    view.on_update([Event(EventKind.DELETE, "/trellis/x", None, 7)])
+    assert value(scrape(metrics), "trellis_datastore_revision") == 7
+    assert value(scrape(metrics), "trellis_datastore_seconds_since_event") == 0
+
+    view.on_out_of_sync("etcd: connection refused")
+    assert value(scrape(metrics), "trellis_datastore_in_sync") == 0
+    view.on_snapshot([], 9)
+    samples = scrape(metrics)
+    assert value(samples, "trellis_datastore_in_sync") == 1
+    assert value(samples, "trellis_datastore_snapshots_total") == 2
+
+
+# -- node state, from the last status ----------------------------------------------------------
+
+STATUS: dict[str, Any] = {
+    "node": "node-1",
+    "revision": 42,
+    "endpoints_with_policy": 2,
+    "blocks": [
+        {"cidr": "10.244.0.0/26", "used": 64, "size": 64},
+        {"cidr": "10.244.0.64/26", "used": 3, "size": 64},
+    ],
+    "endpoints": 66,
+    "policies": {"networkpolicies": 4, "clusternetworkpolicies": 1},
+    "nftables": {"chains": 9, "rules": 31},
+    "bgp": [
+        {"name": "node_2", "state": "up", "info": "Established", "established": True},
+        {"name": "node_3", "state": "start", "info": "Active", "established": False},
+    ],
+}
+
+
+def test_node_gauges_report_the_last_status_and_forget_what_it_no_longer_holds() -> None:
+    metrics = AgentMetrics()
+    assert ("trellis_programmed_revision", frozenset()) not in scrape(metrics)
+    metrics.programmed(STATUS)
+    samples = scrape(metrics)
+    assert value(samples, "trellis_programmed_revision") == 42
+    assert value(samples, "trellis_ipam_block_addresses_in_use", block="10.244.0.0/26") == 64
+    assert value(samples, "trellis_ipam_block_addresses_in_use", block="10.244.0.64/26") == 3
+    assert value(samples, "trellis_ipam_block_addresses", block="10.244.0.64/26") == 64
+    assert value(samples, "trellis_endpoints") == 66
+    assert value(samples, "trellis_policy_endpoints") == 2
+    assert value(samples, "trellis_policies", kind="networkpolicies") == 4
+    assert value(samples, "trellis_nftables_rules") == 31
+    assert value(samples, "trellis_nftables_chains") == 9
+    assert value(samples, "trellis_bgp_sessions") == 2
+    assert value(samples, "trellis_bgp_sessions_established") == 1
+
+    metrics.programmed({**STATUS, "blocks": STATUS["blocks"][1:], "bgp": []})
+    samples = scrape(metrics)
+    assert ("trellis_ipam_block_addresses_in_use", frozenset({("block", "10.244.0.0/26")})) not in samples
+    assert value(samples, "trellis_bgp_sessions") == 0
+    without_bgp = {key: item for key, item in STATUS.items() if key != "bgp"}
+    metrics.programmed(without_bgp)
+    assert ("trellis_bgp_sessions", frozenset()) not in scrape(metrics)
+
+
+def test_openmetrics_when_the_scraper_asks_for_it() -> None:
+    body, content_type = AgentMetrics().render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+
+
+# -- the HTTP endpoint and readiness -----------------------------------------------------------
+
+BLOCK = Block(ipaddress.IPv4Network("10.244.0.0/26"), "node-1").with_allocation(
+    ipaddress.IPv4Address("10.244.0.1"), Allocation(Attachment("c1", "eth0"), "default/a")
+)
+
+
+@contextmanager
+def unstarted_controller(config: AgentConfig, clock: Clock) -> Iterator[NetworkController]:
+    """A network controller over SQLite that is never started: nothing touches the kernel."""
+    store = SqliteDatastore(config.state_dir / "trellis.db")
+    ipam = Ipam(store, config.node, config.pools, config.block_prefixlen)
+    uplink = ("trlt-up", ipaddress.IPv4Interface("172.31.0.11/24"))
+    try:
+        yield NetworkController(config, store, ipam, SocketPool(), uplink, 1450, clock=clock)
+    finally:
+        store.close()
+
+
+def publish(network: NetworkController, revision: int, objects: dict[str, dict[str, Any]]) -> None:
+    """Deliver `objects` as a snapshot at `revision`, then compute the policy and end a pass as
+    reconcile() does (which would also program the kernel): status.json written, the revision
+    programmed."""
+    network.view.on_snapshot([KV(key, item, revision) for key, item in objects.items()], revision)
+    local = network._local_endpoints(objects)
+    policy = network._policy(objects, local) if network.config.policy else None
+    network._publish(revision, objects, local, policy)
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[tuple[NetworkController, Clock]]:
+    clock = Clock()
+    with unstarted_controller(AgentConfig(node="node-1", state_dir=tmp_path), clock) as network:
+        yield network, clock
+
+
+def get(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.headers["Content-Type"], reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def base_url(server: AgentHttpServer | None) -> str:
+    assert server is not None
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def endpoint(controller: tuple[NetworkController, Clock]) -> Iterator[str]:
+    """The controller's metrics and probes on a free loopback port: its base URL."""
+    network, _ = controller
+    with serving(("127.0.0.1", 0), network.metrics, network) as server:
+        yield base_url(server)
+
+
+def test_ready_only_in_sync_and_programmed(
+    controller: tuple[NetworkController, Clock], endpoint: str, tmp_path: Path
+) -> None:
+    """Readiness follows the sync state and the revision the kernel reflects (status.json's)."""
+    network, clock = controller
+    assert get(f"{endpoint}/healthz")[0] == 200
+    assert get(f"{endpoint}/readyz")[::2] == (503, "datastore not in sync: no snapshot yet\n")
+
+    network.view.on_snapshot([], 2)
+    assert get(f"{endpoint}/readyz")[::2] == (503, "kernel not programmed yet\n")
+
+    publish(network, 3, {BLOCK.key: BLOCK.to_json()})
+    assert get(f"{endpoint}/readyz")[::2] == (200, "ok\n")
+    written = json.loads((tmp_path / STATUS_FILE).read_text())
+    assert written["revision"] == 3 and written["endpoints"] == 1
+    assert written["blocks"] == [{"cidr": "10.244.0.0/26", "used": 1, "size": 64}]
+    assert written["datastore"] == {"kind": "sqlite", "in_sync": True}
+
+    network.view.on_update([Event(EventKind.DELETE, "/trellis/x", None, 4)])
+    assert get(f"{endpoint}/readyz")[0] == 200, "a pass in flight keeps the node ready"
+    clock.now += READY_LAG_S + 1
+    assert get(f"{endpoint}/readyz")[::2] == (503, "kernel programmed to revision 3, datastore at 4\n")
+
+    network.view.on_out_of_sync("etcd: connection refused")
+    assert get(f"{endpoint}/readyz")[::2] == (503, "datastore not in sync: etcd: connection refused\n")
+
+
+def test_metrics_are_served_with_the_status_the_agent_wrote(
+    controller: tuple[NetworkController, Clock], endpoint: str
+) -> None:
+    network, _ = controller
+    publish(network, 3, {BLOCK.key: BLOCK.to_json()})
+    status, content_type, body = get(f"{endpoint}/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+    assert value(samples, "trellis_ipam_block_addresses_in_use", block="10.244.0.0/26") == 1
+    assert value(samples, "trellis_datastore_in_sync") == 1
+    assert get(f"{endpoint}/nothing")[0] == 404
+
+
+def test_without_a_network_controller_the_agent_is_live_but_never_ready() -> None:
+    with serving(("127.0.0.1", 0), AgentMetrics(), None) as server:
+        base = base_url(server)
+        assert get(f"{base}/healthz")[0] == 200
+        assert get(f"{base}/readyz")[::2] == (503, NOT_FOLLOWING + "\n")
+
+
+def test_a_taken_address_fails_naming_it() -> None:
+    health: Health | None = None
+    with serving(("127.0.0.1", 0), AgentMetrics(), health) as server:
+        assert server is not None
+        port = server.server_address[1]
+        with (
+            pytest.raises(RuntimeError, match=rf"HTTP endpoint 127\.0\.0\.1:{port}: Address already in use"),
+            serving(("127.0.0.1", port), AgentMetrics(), health),
+        ):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoint"),
+    [
+        ("127.0.0.1:9617", ("127.0.0.1", 9617)),
+        ("[::1]:80", ("::1", 80)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+        ("", None),
+    ],
+)
+def test_http_address_is_host_and_port(text: str, endpoint: tuple[str, int] | None) -> None:
+    assert AgentConfig(node="n", http_address=text).http_endpoint == endpoint
+
+
+@pytest.mark.parametrize("text", ["9617", ":9617", "localhost:http", "127.0.0.1:70000"])
+def test_a_malformed_http_address_is_refused_at_configuration(text: str) -> None:
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        AgentConfig(node="n", http_address=text)
