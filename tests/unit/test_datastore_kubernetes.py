@@ -155,7 +155,7 @@ def test_a_snapshot_lists_every_kind_at_the_first_lists_revision(replay: Replay)
     replay.add("GET", "api/v1/namespaces", 200, "namespaces.json")
     replay.add("GET", "api/v1/pods", 200, "pods.json")
     replay.add("GET", "apis/networking.k8s.io/v1/networkpolicies", 200, "networkpolicies.json")
-    replay.add("GET", "apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies", 404, "not-served.txt")
+    replay.add("GET", "apis/policy.networking.k8s.io/v1beta1/clusternetworkpolicies", 404, "not-served.txt")
     store = replay_store(replay, page_size=2)
     try:
         snapshot = store.snapshot("/trellis/k8s/")

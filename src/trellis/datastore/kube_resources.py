@@ -116,7 +116,7 @@ RESOURCES: tuple[Resource, ...] = (
     ),
     Resource(
         CLUSTER_NETWORK_POLICY_PREFIX,
-        "policy.networking.k8s.io/v1alpha2",
+        "policy.networking.k8s.io/v1beta1",
         "ClusterNetworkPolicy",
         "clusternetworkpolicies",
         optional=True,
