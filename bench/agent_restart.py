@@ -15,7 +15,7 @@ Why: issue 6, point 2: after a SIGKILL the restarted agent serves new ADDs withi
 cold start beside it shows what a restart costs over starting at all (the interpreter and its
 imports, opening the datastore, the first netlink sockets).
 
-The node and the agent are `cni_latency`'s (imported, not copied). Everything runs in
+The node and the agent are `common/cni.py`'s, as in `cni_latency`. Everything runs in
 throwaway namespaces named `trlb-<tag>-*`, one node per sample; teardown always runs and
 removes exactly what the run made, agents ended by their PIDs.
 """
@@ -36,10 +36,9 @@ from typing import Any
 
 from rich.console import Console
 
-from cni_latency import build_node, start_agent
+from common.cni import cni_node
 from common.host import BenchError, Scratch, ip, scratch
 from common.report import count, finish_facts, load_line, main, run_facts, table, verdict
-from trellis.cni.install import install
 from trellis.dataplane.kernel.netns import netns_path
 from trellis.lab.runtime import CniRuntime, PluginError
 
@@ -83,27 +82,25 @@ def links(node: str) -> dict[str, int]:
 def sample(pods: int) -> dict[str, float]:
     """One node: cold start to first ADD, `pods` more ADDs, SIGKILL, restart to first ADD."""
     with scratch(NETNS_PREFIX) as run_:
-        node = build_node(run_)
-        socket = run_.tmp / "agent.sock"
-        _plugin, conflist = install(run_.tmp / "bin", run_.tmp / "net.d", socket)
-        with CniRuntime(conflist, [run_.tmp / "bin"], run_.tmp / "cache", node) as runtime:
+        node = cni_node(run_)
+        with node.trellis() as runtime:
             started = time.perf_counter()
-            agent, log = start_agent(run_, node, socket)
+            agent, log = node.start_agent()
             cold_attempts = first_add(runtime, run_, agent, log)
             cold = _ms(started)
             for _ in range(pods):
                 runtime.add(secrets.token_hex(32), netns_path(run_.netns(f"p{secrets.token_hex(2)}", False)))
-            before = links(node)
+            before = links(node.netns)
 
             killed = time.perf_counter()
             agent.send_signal(signal.SIGKILL)
             agent.wait()
             reaped = _ms(killed)
             started = time.perf_counter()
-            agent, log = start_agent(run_, node, socket)
+            agent, log = node.start_agent()
             attempts = first_add(runtime, run_, agent, log)
             restart, spawn_to_add = _ms(killed), _ms(started)
-            after = links(node)
+            after = links(node.netns)
     changed = sorted(name for name, index in before.items() if after.get(name) != index)
     if changed:
         raise BenchError(f"the restarted agent re-created or removed links: {', '.join(changed)}")

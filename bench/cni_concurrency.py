@@ -13,8 +13,8 @@ Beside it: the agent's own time per request, from its log ("ADD ... done in X ms
 Why: issue 6, point 5: 200 ADDs at once on one node all succeed, with distinct addresses;
 report p50/p99, against a reference measured in the same run.
 
-The node, the agent and the reference configuration are `cni_latency`'s (imported, not
-copied). Everything runs in throwaway namespaces named `trlb-<tag>-*`; teardown always runs
+The node, the agent and the reference configuration are `common/cni.py`'s, as in
+`cni_latency`. Everything runs in throwaway namespaces named `trlb-<tag>-*`; teardown always runs
 and removes exactly what the run made.
 """
 
@@ -34,10 +34,9 @@ from typing import Any
 
 from rich.console import Console
 
-from cni_latency import REFERENCE_CNI_PATH, build_node, reference_conflist, start_agent, wait_ready
+from common.cni import cni_node, wait_ready
 from common.host import BenchError, Scratch, run, scratch
 from common.report import count, finish_facts, load_line, main, run_facts, table
-from trellis.cni.install import install
 from trellis.dataplane.kernel.netns import enter, netns_path
 from trellis.lab.runtime import CniRuntime, PluginError
 
@@ -147,24 +146,19 @@ def ratios(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 def measure(pods: int, rounds: int) -> dict[str, Any]:
     facts = run_facts()
     with scratch(NETNS_PREFIX) as run_, ExitStack() as stack:
-        node = build_node(run_)
-        bin_dir, conf_dir, socket = run_.tmp / "bin", run_.tmp / "net.d", run_.tmp / "agent.sock"
-        _plugin, trellis_conf = install(bin_dir, conf_dir, socket)
-        agent, log = start_agent(run_, node, socket)
-        ref_conf = reference_conflist(conf_dir, run_.tmp / "host-local")
-        # No node namespace given: the burst's threads entered it themselves (pool initializer).
+        node = cni_node(run_)
+        agent, log = node.start_agent()
+        # Not in the node: the burst's threads entered it themselves (pool initializer).
         runtimes = {
-            "trellis": stack.enter_context(CniRuntime(trellis_conf, [bin_dir], run_.tmp / "cache-trellis")),
-            "reference": stack.enter_context(
-                CniRuntime(ref_conf, [REFERENCE_CNI_PATH], run_.tmp / "cache-ref")
-            ),
+            "trellis": stack.enter_context(node.trellis(in_node=False)),
+            "reference": stack.enter_context(node.reference(in_node=False)),
         }
-        with CniRuntime(trellis_conf, [bin_dir], run_.tmp / "cache-trellis", node) as status:
+        with node.trellis() as status:
             wait_ready(agent, status, log)
         pod_netns = {rival: create_pods(run_, rival[:3], pods) for rival in RIVALS}
         pool = stack.enter_context(
             ThreadPoolExecutor(
-                max_workers=pods, thread_name_prefix="burst", initializer=enter, initargs=(node,)
+                max_workers=pods, thread_name_prefix="burst", initializer=enter, initargs=(node.netns,)
             )
         )
         run_rounds(pool, runtimes, {r: p[:1] for r, p in pod_netns.items()}, 1)  # warm-up: the bridge, caches

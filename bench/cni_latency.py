@@ -17,17 +17,15 @@ already lives in the node's namespace and execs with vfork; `CniRuntime` does th
 worker threads that entered the node namespace (a `preexec_fn` would force a full fork of
 this process, about 2 ms more per exec on both sides, which would flatter the ratio).
 
-Everything runs in throwaway namespaces named `trlb-<tag>-*`: a node namespace with an
-uplink (a veth to a second `trlb` namespace, an address and a default route, so the host
-veths' proxy ARP for 169.254.1.1 has a route to answer for), the agent inside it, and the
-pods. Teardown always runs and removes exactly what the run made; the machine's own
+Everything runs in throwaway namespaces named `trlb-<tag>-*`: the node of
+`common/cni.py` (a namespace with an uplink to a second `trlb` namespace), the agent inside
+it, and the pods. Teardown always runs and removes exactly what the run made; the machine's own
 namespace is never changed.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import re
 import secrets
@@ -42,96 +40,22 @@ from typing import Any
 
 from rich.console import Console
 
-from common.host import Scratch, ip, scratch
-from common.lab import TRELLIS
+from common.cni import REFERENCE_CNI_PATH, cni_node, wait_ready
+from common.host import Scratch, scratch
 from common.report import count, finish_facts, load_line, main, run_facts, table, verdict
-from trellis.cni.install import install
-from trellis.dataplane.kernel.netns import enter, netns_path
-from trellis.lab.runtime import CniRuntime, PluginError
+from trellis.dataplane.kernel.netns import netns_path
+from trellis.lab.runtime import CniRuntime
 
 NETNS_PREFIX = "trlb"
 """Prefix of every namespace this benchmark creates (and the only ones it removes)."""
-REFERENCE_CNI_PATH = Path("/usr/lib/cni")
-REFERENCE_SUBNET = "10.250.0.0/16"
-"""host-local's range for the reference; apart from Trellis' default pool 10.244.0.0/16."""
-UPLINK_NET = "192.0.2"
-"""TEST-NET-1: the node's uplink is .2, its default gateway .1 in the second namespace."""
 TARGET_RATIO = 1.5
 """The issue's target: Trellis ADD and DEL p50 at most this multiple of the reference."""
-AGENT_READY_S = 30.0
 AGENT_DONE = re.compile(r"\b(ADD|DEL) (\S+) done in ([0-9.]+) ms")
 
 Samples = dict[str, list[float]]
 """Milliseconds per measured quantity, e.g. {"trellis ADD": [...], ...}."""
 Probe = Callable[[int, bool], dict[str, float]]
 """One step of an iteration: (iteration, measured?) -> {quantity: milliseconds}."""
-
-
-def build_node(run: Scratch) -> str:
-    """The node namespace: lo up, uplink `trlb-up` with an address and a default route."""
-    node = run.netns("node")
-    gateway = run.netns("gw")
-    ip("-n", node, "link", "add", "trlb-up", "type", "veth", "peer", "name", "trlb-down", "netns", gateway)
-    for netns, ifname, host in ((node, "trlb-up", 2), (gateway, "trlb-down", 1)):
-        ip("-n", netns, "addr", "add", f"{UPLINK_NET}.{host}/24", "dev", ifname)
-        ip("-n", netns, "link", "set", ifname, "up")
-    ip("-n", node, "route", "add", "default", "via", f"{UPLINK_NET}.1")
-    return node
-
-
-def start_agent(run: Scratch, node: str, socket: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start `trellis agent` inside `node` (ended by PID at teardown); returns it and its log file."""
-    log = run.tmp / "agent.log"
-    with log.open("wb") as out:
-        agent = subprocess.Popen(
-            [TRELLIS, "agent", "--node", "bench", "--socket", str(socket), "--state-dir", str(run.tmp)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=functools.partial(enter, node),  # noqa: PLW1509 - no other thread runs yet
-        )
-    return run.track(agent), log
-
-
-def wait_ready(agent: subprocess.Popen[bytes], runtime: CniRuntime, log: Path) -> None:
-    """Poll CNI STATUS through the plugin until the agent answers, or fail at the deadline."""
-    deadline = time.monotonic() + AGENT_READY_S
-    while True:
-        if agent.poll() is not None:
-            tail = log.read_text()[-2000:]
-            raise RuntimeError(f"trellis agent exited with {agent.returncode}:\n{tail}")
-        try:
-            runtime.status()
-            return
-        except PluginError as err:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"trellis agent not ready after {AGENT_READY_S:.0f} s: {err}") from None
-        time.sleep(0.05)
-
-
-def reference_conflist(conf_dir: Path, data_dir: Path) -> Path:
-    """`bridge` (gateway on the bridge, no masquerade) with `host-local` IPAM, at cniVersion 1.0.0."""
-    conf = {
-        "cniVersion": "1.0.0",
-        "name": "trlb-ref",
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": "trlb-br0",
-                "isGateway": True,
-                "ipMasq": False,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": REFERENCE_SUBNET}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
-                    "dataDir": str(data_dir),
-                },
-            }
-        ],
-    }
-    path = conf_dir / "20-trlb-ref.conflist"
-    path.write_text(json.dumps(conf, indent=2) + "\n")
-    return path
 
 
 def floor_script(bin_dir: Path, plugin: Path) -> Path:
@@ -286,26 +210,21 @@ def _interpreter(plugin: Path) -> dict[str, str]:
 def measure(count: int, warmup: int) -> dict[str, Any]:
     facts = run_facts()
     with scratch(NETNS_PREFIX) as run, ExitStack() as stack:
-        node = build_node(run)
-        bin_dir, conf_dir, socket = run.tmp / "bin", run.tmp / "net.d", run.tmp / "agent.sock"
-        plugin, trellis_conf = install(bin_dir, conf_dir, socket)
-        agent, log = start_agent(run, node, socket)
-        ref_conf = reference_conflist(conf_dir, run.tmp / "host-local")
-        trellis = stack.enter_context(CniRuntime(trellis_conf, [bin_dir], run.tmp / "cache-trellis", node))
-        reference = stack.enter_context(
-            CniRuntime(ref_conf, [REFERENCE_CNI_PATH], run.tmp / "cache-ref", node)
-        )
+        node = cni_node(run)
+        agent, log = node.start_agent()
+        trellis = stack.enter_context(node.trellis())
+        reference = stack.enter_context(node.reference())
         wait_ready(agent, trellis, log)
         rivals = [attach_probe(run, "trellis", trellis), attach_probe(run, "reference", reference)]
         extras = [
-            timed_probe("trellis VERSION", version(trellis, plugin)),
+            timed_probe("trellis VERSION", version(trellis, node.plugin)),
             timed_probe("trellis STATUS", trellis.status),
-            timed_probe("floor", version(trellis, floor_script(bin_dir, plugin))),
+            timed_probe("floor", version(trellis, floor_script(node.bin_dir, node.plugin))),
             timed_probe("reference VERSION", version(reference, REFERENCE_CNI_PATH / "bridge")),
         ]
         samples = run_probes(rivals, extras, warmup, count)
         samples.update(agent_samples(log))
-        interpreter = _interpreter(plugin)
+        interpreter = _interpreter(node.plugin)
     summary = summarize(samples)
     return {
         "benchmark": "cni_latency",

@@ -2,9 +2,10 @@
 after etcd returns (issue 6, point 3; tests/e2e/test_outage.py is the short variant).
 
 Set-up: a lab of 3 nodes (vxlan) on etcd, pods a, b, c (one per node) and a NetworkPolicy
-that lets only b into c. Then `trellis lab datastore stop` kills etcd (SIGKILL; the lab keeps
-it down) for `--outage-s` (default 60 s, six times the node lease's TTL), and `datastore start`
-brings it back on its data.
+that lets only b into c (tests/fixtures/lab/outage.yaml, which the e2e test applies too).
+Then `trellis lab datastore stop` kills etcd (SIGKILL; the lab keeps it down) for
+`--outage-s` (default 60 s, six times the node lease's TTL), and `datastore start` brings it
+back on its data.
 
 What it reports, each beside its reference from the same run:
 - packets lost: three pings (a->b, b->c, c->a: every node sends and answers), every 20 ms from
@@ -49,32 +50,8 @@ PINGS = (("default/a", "default/b"), ("default/b", "default/c"), ("default/c", "
 PING_INTERVAL_S = 0.02
 FLOWING_S = 10.0
 SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
-MANIFEST = """\
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: default, labels: {app: a}}
-spec: {nodeName: node-1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: default, labels: {app: b}}
-spec: {nodeName: node-2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: c, namespace: default, labels: {app: c}}
-spec: {nodeName: node-3}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: c-from-b-only, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: c}}
-  policyTypes: [Ingress]
-  ingress:
-  - from:
-    - podSelector: {matchLabels: {app: b}}
-"""
+MANIFEST = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "lab" / "outage.yaml"
+"""Pods a, b, c (one per node) and a NetworkPolicy that lets only b into c (shared with the e2e test)."""
 
 
 def lab_cmd(made: Lab, *args: str) -> str:
@@ -195,7 +172,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     console = Console(stderr=True)
     name = f"eo-{secrets.token_hex(2)}"
     with lab(name, NODES, "vxlan", "etcd") as made, scratch(NETNS_PREFIX) as run_:
-        made.apply(MANIFEST)
+        made.apply(MANIFEST.read_text())
         status_ref = [by_hand(made, "STATUS")[0] for _ in range(args.samples)]
         apply_ref_s = timed(lambda: made.apply(pods_manifest([("ref", "node-1")])))
         expected = tcp_matrix(made)

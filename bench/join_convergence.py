@@ -18,7 +18,9 @@ watch and reconcile. With bgp the pod's block reaches the others only once the n
 has its sessions up (the full mesh: the lab's default BGP topology); the set-up puts a pod on
 each base node first, and the new node's kernel holding a BIRD route to every base pod's block
 marks its sessions established (BIRD sends a peer's routes as soon as the session is up). That
-moment is shown beside the total, from `node add` and from the new agent's process start.
+moment is shown beside the total, from `node add` and from the new agent's process start, and
+split at the start of the new node's BIRD (its PID from `lab status`): the agent's start-up
+until it starts BIRD, then BIRD's wait until its sessions are up (its `connect delay time`).
 Beside them, from the same run, to show where the time goes: from the new agent's process
 start (/proc/PID/stat, 1/HZ resolution) to the block routed everywhere (the agent's share: its
 start-up, datastore sync, block claim and registration, the other agents' watch and
@@ -189,6 +191,8 @@ class Steps:
     """Set once the apply returned and `lab status` gave the pod's IP (read here: not in the poll loop)."""
     agent_started: float | None = None
     """When the new node's agent process started (perf_counter seconds, 1/HZ resolution)."""
+    bird_started: float | None = None
+    """When the new node's BIRD started, with backend bgp (as `agent_started`)."""
     error: BaseException | None = None
     added: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -204,8 +208,10 @@ class Steps:
             self.times["applied"] = time.perf_counter()
             status = self.made.status()
             pods = {p["name"]: p.get("ip") for p in status["pods"]}
-            agents = {n["name"]: n.get("agent_pid") for n in status["nodes"]}
-            self.agent_started = process_start(int(agents[self.node]))
+            (node,) = [n for n in status["nodes"] if n["name"] == self.node]
+            self.agent_started = process_start(int(node["agent_pid"]))
+            if node.get("bird_pid") is not None:
+                self.bird_started = process_start(int(node["bird_pid"]))
             self.pod_ip = str(pods[f"default/{self.pod}"])
         except BaseException as err:  # handed to the main thread, which raises it
             self.error = err
@@ -285,6 +291,8 @@ def join_once(
     sessions = [_seen(local.covering(ip, block=True)) for ip in base_ips]
     bound = max(v.bound for v in [*seen.values(), own, *sessions])
     up = max(v.at for v in sessions) if sessions else None
+    if up is not None and steps.bird_started is None:
+        raise BenchError(f"{node}: `lab status` gave no PID of its BIRD")
     return {
         "node": node,
         "pod_ip": pod_ip,
@@ -301,8 +309,10 @@ def join_once(
             {
                 "sessions_s": round(up - t["add"], 4),
                 "agent_start_to_sessions_s": round(up - steps.agent_started, 4),
+                "agent_start_to_bird_s": round(steps.bird_started - steps.agent_started, 4),
+                "bird_start_to_sessions_s": round(up - steps.bird_started, 4),
             }
-            if up is not None
+            if up is not None and steps.bird_started is not None  # both or neither (checked above)
             else {}
         ),
         "poll_gap_ms": {"p50": round(median(gaps) * 1000, 2), "max": round(max(gaps) * 1000, 2)},
@@ -369,7 +379,16 @@ def measure_setup(setup: str, joins: int, warmup: int, poll_s: float, console: C
                 "local_to_routed_s",
                 "agent_start_to_routed_s",
                 "apply_wall_s",
-                *(("sessions_s", "agent_start_to_sessions_s") if base_ips else ()),
+                *(
+                    (
+                        "sessions_s",
+                        "agent_start_to_sessions_s",
+                        "agent_start_to_bird_s",
+                        "bird_start_to_sessions_s",
+                    )
+                    if base_ips
+                    else ()
+                ),
             )
         },
         "routed_before_apply": sum(bool(s["routed_before_apply"]) for s in measured),
@@ -472,7 +491,11 @@ def render(result: dict[str, Any]) -> None:
                 f"{r['summary']['sessions_s']['p50']:.3f} s after `node add` issued "
                 f"(max {r['summary']['sessions_s']['max']:.3f}), "
                 f"{r['summary']['agent_start_to_sessions_s']['p50']:.3f} s after its agent started "
-                f"(max {r['summary']['agent_start_to_sessions_s']['max']:.3f})"
+                f"(max {r['summary']['agent_start_to_sessions_s']['max']:.3f}): the agent started BIRD "
+                f"{r['summary']['agent_start_to_bird_s']['p50']:.3f} s after its own start "
+                f"(max {r['summary']['agent_start_to_bird_s']['max']:.3f}), the sessions were up "
+                f"{r['summary']['bird_start_to_sessions_s']['p50']:.3f} s after BIRD started "
+                f"(max {r['summary']['bird_start_to_sessions_s']['max']:.3f})"
             )
     console.print(f"reference: `trellis lab --help` start-up alone {result['cli_startup_s']:.3f} s (p50)")
     console.print(load_line(result))

@@ -129,10 +129,11 @@ class Lab:
         """What the TCP server at `ip`:`port` answers to pod `pod` (through `lab exec`)."""
         return self.run("exec", pod, "--", sys.executable, "-I", "-c", ASK, ip, str(port)).strip()
 
-    def routes(self, node: str) -> list[dict[str, Any]]:
-        """The routes of Trellis' protocol (222) in the node's namespace, as `ip -j route` gives them."""
+    def routes(self, node: str, proto: str = "222") -> list[dict[str, Any]]:
+        """The routes of protocol `proto` (default Trellis' own, 222; `bird` for BIRD's) in the
+        node's namespace, as `ip -j route` gives them."""
         out = subprocess.run(
-            ["ip", "-n", f"trl-{self.name}-{node}", "-j", "route", "show", "proto", "222"],
+            ["ip", "-n", f"trl-{self.name}-{node}", "-j", "route", "show", "proto", proto],
             capture_output=True,
             text=True,
             check=True,

@@ -27,6 +27,8 @@ pytestmark = [
 ]
 
 RESTART_TIMEOUT_S = 20.0
+STATUS_DEADLINE_S = 30.0
+"""How long `lab status` may take with a frozen agent (its own wait for each agent is 2 s)."""
 
 MANIFEST = """\
 apiVersion: v1
@@ -165,6 +167,28 @@ def test_a_killed_agent_is_restarted_and_pods_keep_working(pods: Lab) -> None:
     matrix = pods.probe("--port", "80", "--protocol", "TCP")["matrix"]
     assert all(matrix[src][dst] for src in DEFAULT_PODS for dst in DEFAULT_PODS if src != dst)
     assert "created" in pods.apply(MANIFEST.replace("name: c,", "name: d,"))  # the new agent attaches
+
+
+def test_status_reports_a_frozen_agent_as_not_answering(lab: Lab) -> None:
+    """A frozen agent's socket still takes connections and never answers: status must not wait
+    the plugin's 120 s for it (STATUS_DEADLINE_S is far below that)."""
+    pid = lab.node("node-1")["agent_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status = subprocess.run(
+            [str(TRELLIS), "lab", "status", "--name", lab.name, "--output", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=STATUS_DEADLINE_S,
+        )
+        table = lab.run("status")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    (node,) = json.loads(status.stdout)["nodes"]
+    assert (node["agent_pid"], node["ready"], node["answering"]) == (pid, False, False), node
+    assert "answering" in table, table  # "not answering", wrapped at 80 columns
+    wait_until(lambda: lab.node("node-1")["ready"], RESTART_TIMEOUT_S, "the thawed agent to answer again")
 
 
 def test_deleting_a_pod_releases_it(pods: Lab) -> None:

@@ -50,32 +50,8 @@ LEASE_GONE_S = 30.0
 """The lease's TTL (10 s) after the last renewal, and etcd's own sweep, with room to spare."""
 NODES = ("node-1", "node-2", "node-3")
 PODS = {"default/a": "node-1", "default/b": "node-2", "default/c": "node-3"}
-MANIFEST = """\
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: default, labels: {app: a}}
-spec: {nodeName: node-1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: default, labels: {app: b}}
-spec: {nodeName: node-2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: c, namespace: default, labels: {app: c}}
-spec: {nodeName: node-3}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: c-from-b-only, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: c}}
-  policyTypes: [Ingress]
-  ingress:
-  - from:
-    - podSelector: {matchLabels: {app: b}}
-"""
+MANIFEST = Path(__file__).resolve().parents[1] / "fixtures" / "lab" / "outage.yaml"
+"""Pods a, b, c (one per node) and a NetworkPolicy that lets only b into c (shared with the bench)."""
 LATE_POD = """\
 apiVersion: v1
 kind: Pod
@@ -197,7 +173,7 @@ def netns(name: str) -> Iterator[str]:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """Three nodes on etcd, pods a, b, c (one per node), c open to b only; removed afterwards."""
     with built(tmp_path_factory.mktemp("outage"), "--nodes", "3", "--datastore", "etcd") as made:
-        made.apply(MANIFEST)
+        made.apply(MANIFEST.read_text())
         yield made
 
 

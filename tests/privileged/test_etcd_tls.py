@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import secrets
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -28,12 +27,16 @@ from trellis.datastore import ClientTls, open_datastore
 from trellis.datastore.base import DatastoreError, EventKind, Unavailable
 from trellis.datastore.etcd import EtcdDatastore
 
+# Starting and stopping etcd come from this plugin. Loaded as a plugin (so that pytest rewrites
+# its assertions), it is imported inside the functions that use it, not at the top.
+pytest_plugins = ["tests.unit.datastore_backends"]
+
 pytestmark = pytest.mark.privileged
 
 T = TypeVar("T")
 
-ETCD = Path("/usr/bin/etcd")
 URL = "https://127.0.0.1:2379"
+PEER = "http://127.0.0.1:2380"
 READY_TIMEOUT_S = 30.0
 AGENT = Path(sys.executable).with_name("trellis")
 
@@ -100,67 +103,39 @@ class TlsEtcd:
     def store(self, tls: ClientTls) -> EtcdDatastore:
         return EtcdDatastore(URL, tls=tls)
 
+    def answers(self) -> bool:
+        """Whether the server answers a read over TLS (False while it is not listening yet)."""
+        store = self.store(self.pki.tls())
+        try:
+            self.call(lambda: store.get("/"))
+        except Unavailable:
+            return False
+        finally:
+            store.close()
+        return True
+
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEtcd]:
     """etcd requiring client certificates on 127.0.0.1 of a fresh namespace; removed afterwards."""
-    if not ETCD.exists():
-        pytest.skip(f"needs {ETCD} (Debian package etcd-server)")
+    from tests.unit.datastore_backends import etcd_server
+
     work = tmp_path_factory.mktemp("etcd-tls")
-    pki = make_pki(work / "pki")
-    netns = f"trlt-{secrets.token_hex(3)}"
-    proc: subprocess.Popen[bytes] | None = None
+    server = TlsEtcd(f"trlt-{secrets.token_hex(3)}", make_pki(work / "pki"))
+    pki = server.pki
     try:
-        run("ip", "netns", "add", netns)
-        run("ip", "-n", netns, "link", "set", "lo", "up")
-        with (work / "etcd.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [
-                    str(ETCD),
-                    "--name=trlt",
-                    f"--data-dir={work / 'data'}",
-                    f"--listen-client-urls={URL}",
-                    f"--advertise-client-urls={URL}",
-                    "--listen-peer-urls=http://127.0.0.1:2380",
-                    "--initial-advertise-peer-urls=http://127.0.0.1:2380",
-                    "--initial-cluster=trlt=http://127.0.0.1:2380",
-                    "--client-cert-auth",
-                    f"--trusted-ca-file={pki['ca.crt']}",
-                    f"--cert-file={pki['server.crt']}",
-                    f"--key-file={pki['server.key']}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=functools.partial(enter, netns),  # noqa: PLW1509 (setns before exec only)
-            )
-        server = TlsEtcd(netns, pki)
-
-        def healthy() -> bool:
-            assert proc is not None
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"etcd exited {proc.returncode}: {(work / 'etcd.log').read_text()[-2000:]}"
-                )
-            store = server.store(pki.tls())
-            try:
-                server.call(lambda: store.get("/"))
-            except Unavailable:
-                return False
-            finally:
-                store.close()
-            return True
-
-        wait_until(healthy, READY_TIMEOUT_S, "etcd to answer over TLS")
-        yield server
+        run("ip", "netns", "add", server.netns)
+        run("ip", "-n", server.netns, "link", "set", "lo", "up")
+        flags = (
+            "--client-cert-auth",
+            f"--trusted-ca-file={pki['ca.crt']}",
+            f"--cert-file={pki['server.crt']}",
+            f"--key-file={pki['server.key']}",
+        )
+        with etcd_server(work, URL, PEER, *flags, ready=server.answers, netns=server.netns):
+            yield server
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        assert not delete_namespaces([netns])
+        assert not delete_namespaces([server.netns])
 
 
 def test_a_client_with_its_certificate_puts_gets_and_watches(etcd: TlsEtcd) -> None:
@@ -252,6 +227,8 @@ def test_the_agent_reaches_etcd_with_its_certificate_flags(etcd: TlsEtcd, tmp_pa
         *("--datastore", "etcd", "--datastore-location", URL, "--etcd-ca", str(pki["ca.crt"])),
         *("--etcd-cert", str(pki["client.crt"]), "--etcd-key", str(pki["client.key"])),
     ]
+    from tests.unit.datastore_backends import stop
+
     with log_path.open("wb") as log:
         agent = subprocess.Popen(
             command,
@@ -273,9 +250,4 @@ def test_the_agent_reaches_etcd_with_its_certificate_flags(etcd: TlsEtcd, tmp_pa
         wait_until(status_ok, READY_TIMEOUT_S, f"the agent's STATUS to answer 0 (last: {answers[-1:]})")
         assert answers[-1] == (0, b"")
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+        stop(agent, timeout_s=30)

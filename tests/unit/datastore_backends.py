@@ -5,11 +5,13 @@ A test module opts in with `pytest_plugins = ["tests.unit.datastore_backends"]` 
 a plugin, rewrites its assertions. SQLite runs on a temporary file with a fake clock; etcd is a real `etcd`
 process (Debian's etcd-server) on free loopback ports, one per test session, each test under a
 key prefix of its own. Without the binary the etcd cases are skipped, except in CI (CI=true),
-which installs it and where a skip would hide a missing install step.
+which installs it and where a skip would hide a missing install step. `etcd_server` and `stop`
+serve tests/privileged/test_etcd_tls.py too (its etcd requires client certificates).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +28,7 @@ from typing import Protocol
 import pytest
 
 from tests.helpers import wait_until
+from trellis.dataplane.kernel.netns import enter
 from trellis.datastore.base import Datastore, Event
 from trellis.datastore.etcd import EtcdDatastore
 from trellis.datastore.sqlite import SqliteDatastore
@@ -98,46 +102,67 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real etcd server for the session; killed (by its PID) at the end, whatever happened."""
+@contextmanager
+def etcd_server(
+    work: Path, url: str, peer: str, *flags: str, ready: Callable[[], bool], netns: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A one-member etcd on `work/data` (log `work/etcd.log`) serving clients at `url` and its
+    peer at `peer`, with `flags` added, started inside namespace `netns` if given. Yielded once
+    `ready()` holds; ended by its PID afterwards, whatever happened.
+
+    Without the binary the test is skipped, except in CI (CI=true), where it fails.
+    """
     if not ETCD.exists():
         message = f"{ETCD} is missing (Debian package etcd-server; `make setup` installs it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    data = tmp_path_factory.mktemp("etcd")
-    url, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
-    with (data / "etcd.log").open("wb") as out:
+    log = work / "etcd.log"
+    with log.open("wb") as out:
         server = subprocess.Popen(
             [
                 str(ETCD),
-                "--name=test",
-                f"--data-dir={data / 'data'}",
+                "--name=trlt",
+                f"--data-dir={work / 'data'}",
                 f"--listen-client-urls={url}",
                 f"--advertise-client-urls={url}",
                 f"--listen-peer-urls={peer}",
                 f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=test={peer}",
+                f"--initial-cluster=trlt={peer}",
+                *flags,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if netns is None else functools.partial(enter, netns),  # noqa: PLW1509 (setns only)
         )
     try:
         deadline = time.monotonic() + ETCD_START_TIMEOUT_S
-        while not _healthy(url):
+        while not ready():
             if server.poll() is not None or time.monotonic() > deadline:
-                log = (data / "etcd.log").read_text(errors="replace")[-3000:]
-                pytest.fail(f"etcd at {url} not healthy (exit status {server.poll()}):\n{log}")
+                tail = log.read_text(errors="replace")[-3000:]
+                pytest.fail(f"etcd at {url} not ready (exit status {server.poll()}):\n{tail}")
             time.sleep(0.1)
-        yield url
+        yield server
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """End `proc` by its PID: SIGTERM, then SIGKILL if it is still there after `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real etcd server for the session; killed (by its PID) at the end, whatever happened."""
+    url, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    with etcd_server(tmp_path_factory.mktemp("etcd"), url, peer, ready=lambda: _healthy(url)):
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "etcd"])

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.unit.policy_changes import ChangingCluster
 from tests.unit.policy_cluster import (
     NAT,
     NODES,
@@ -30,7 +31,9 @@ from tests.unit.policy_cluster import (
 from trellis.calc.policy import (
     NamedPortMatch,
     Outcome,
+    PolicyCalculator,
     PolicyInputs,
+    PolicyReader,
     PolicyState,
     TierKind,
     compute_policy,
@@ -366,3 +369,54 @@ def test_object_order_does_not_matter() -> None:
         states.append(compute_policy(inputs, "node-1", dict(local)))
         tables.add(json.dumps(render_table(NAT, states[-1])))
     assert all(state == states[0] for state in states) and len(tables) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_calculator_with_memory_computes_what_a_new_one_does(seed: int) -> None:
+    """Change after change, the reader and calculator the agent keeps give the state a fresh
+    computation gives; with nothing changed, the very same state (the renderer skips by identity)."""
+    cluster, reader, calculator = ChangingCluster(random.Random(seed)), PolicyReader(), PolicyCalculator()
+    for step in range(150):
+        what = cluster.change()
+        inputs, errors = reader.read(cluster.objects)
+        state = calculator.compute(inputs, "node-1", cluster.local)
+        fresh, fresh_errors = read_policy_inputs(cluster.objects)
+        assert (inputs, errors) == (fresh, fresh_errors), f"step {step}: {what}"
+        assert state == compute_policy(fresh, "node-1", cluster.local), f"step {step}: {what}"
+        again, _ = reader.read(dict(cluster.objects))
+        assert again is inputs and calculator.compute(again, "node-1", dict(cluster.local)) is state
+
+
+def test_reading_again_parses_only_what_changed() -> None:
+    """Objects policy does not read differently (a pod's annotations) change nothing at all; a
+    changed pod is a new object beside the very same others."""
+    store = {datastore_key(obj): obj for obj in base_objects()}
+    reader = PolicyReader()
+    inputs, _ = reader.read(store)
+    annotated = {**store["/trellis/k8s/pods/x/a"], "annotations": {"seen": "now"}}
+    assert reader.read({**store, "/trellis/k8s/pods/x/a": annotated})[0] is inputs
+    relabelled = pod("x/a", labels={"pod": "a", "color": "red"})
+    after, _ = reader.read({**store, "/trellis/k8s/pods/x/a": relabelled})
+    assert after is not inputs and after.pods["x/a"].labels["color"] == "red"
+    assert all(after.pods[key] is inputs.pods[key] for key in PODS if key != "x/a")
+    assert after.namespaces is not inputs.namespaces and after.namespaces == inputs.namespaces
+    gone = {key: value for key, value in store.items() if not key.endswith("/x/b")}
+    assert "x/b" not in reader.read(gone)[0].pods
+
+
+def test_an_unchanged_endpoint_keeps_its_very_policy() -> None:
+    """A pod ADD elsewhere in the namespace: the other endpoints' policies are the same objects."""
+    objects = [*base_objects(), network_policy("p", ingress=[{"from": [{"podSelector": match(pod="b")}]}])]
+    store = {datastore_key(obj): obj for obj in objects}
+    local = {key: interface(key) for key in ("x/a", "y/a", "z/a")}
+    reader, calculator = PolicyReader(), PolicyCalculator()
+    before = calculator.compute(reader.read(store)[0], "node-1", local)
+    added = pod("x/new", labels={"pod": "b"}, ip="10.244.1.13")
+    after = calculator.compute(
+        reader.read({**store, datastore_key(added): added})[0],
+        "node-1",
+        {**local, "x/new": interface("x/new")},
+    )
+    assert all(after.endpoints[name] is policy for name, policy in before.endpoints.items())
+    (peers,) = after.address_sets.values()
+    assert peers.networks == (Net("10.244.1.11/32"), Net("10.244.1.13/32"))

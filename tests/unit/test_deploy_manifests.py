@@ -31,7 +31,8 @@ from trellis.agent.metrics import AgentMetrics
 from trellis.cli.main import build_parser
 from trellis.cni import client
 from trellis.cni.install import CONFLIST_NAME, MODULE_DIR, MODULE_NAME, NETWORK_NAME, PLUGIN_NAME
-from trellis.datastore.kube_resources import GROUP, RESOURCES, Resource
+from trellis.datastore.kube_resources import GROUP, RESOURCES, Resource, resources_under
+from trellis.model.k8s import K8S_PREFIX
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
@@ -47,6 +48,8 @@ WRITE_VERBS = ("create", "update", "delete")
 """RBAC verbs of its writes: POST, PUT and DELETE."""
 HOST_PATH_FLAGS = ("--bin-dir", "--conf-dir")
 """install-cni flags naming host directories; a scratch-root run moves them under the root."""
+KUBE_SYNC = "kube-sync.yaml"
+"""kube-sync, for clusters whose datastore is etcd alone, applied after trellis.yaml."""
 
 Manifest = dict[str, Any]
 
@@ -68,10 +71,10 @@ def _kind(kind: str) -> list[Manifest]:
     return [doc for _, doc in DOCUMENTS if doc["kind"] == kind]
 
 
-def _one(kind: str) -> Manifest:
-    """The single object of `kind` under deploy/."""
-    found = _kind(kind)
-    assert len(found) == 1, f"deploy/ holds {len(found)} objects of kind {kind}, not one"
+def _one(kind: str, file: str = "trellis.yaml") -> Manifest:
+    """The single object of `kind` in deploy/`file`."""
+    found = [doc for name, doc in DOCUMENTS if name == file and doc["kind"] == kind]
+    assert len(found) == 1, f"deploy/{file} holds {len(found)} objects of kind {kind}, not one"
     return found[0]
 
 
@@ -152,9 +155,9 @@ def test_strict_validation_refuses_a_misspelt_field_deep_in_the_pod_template() -
 
 
 def test_files_apply_in_order_and_name_one_namespace() -> None:
-    """CRDs come before the objects that use them (kubectl applies a directory in name order),
-    the Namespace before anything in it, and every namespaced object is in that Namespace."""
-    assert sorted({name for name, _ in DOCUMENTS}) == ["crds.yaml", "trellis.yaml"]
+    """CRDs come before the objects that use them, the Namespace first in trellis.yaml (kube-sync's
+    file, applied after it, uses it too), and every namespaced object is in that Namespace."""
+    assert sorted({name for name, _ in DOCUMENTS}) == ["crds.yaml", KUBE_SYNC, "trellis.yaml"]
     kinds = [doc["kind"] for name, doc in DOCUMENTS if name == "trellis.yaml"]
     assert kinds[0] == "Namespace"
     namespace = _one("Namespace")["metadata"]["name"]
@@ -166,6 +169,7 @@ def test_files_apply_in_order_and_name_one_namespace() -> None:
         "RoleBinding",
         "ConfigMap",
         "DaemonSet",
+        "Deployment",
     }
 
 
@@ -283,12 +287,20 @@ def test_daemonset_runs_on_every_node_and_upgrades_one_at_a_time() -> None:
 
 
 @pytest.mark.parametrize(
-    ("binding_kind", "role_kind"), [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")]
+    ("file", "workload", "binding_kind", "role_kind"),
+    [
+        ("trellis.yaml", "DaemonSet", "ClusterRoleBinding", "ClusterRole"),
+        ("trellis.yaml", "DaemonSet", "RoleBinding", "Role"),
+        (KUBE_SYNC, "Deployment", "ClusterRoleBinding", "ClusterRole"),
+    ],
 )
-def test_the_daemonset_runs_as_the_bound_service_account(binding_kind: str, role_kind: str) -> None:
-    """The DaemonSet's ServiceAccount is the one each binding grants its role to."""
-    account, binding, role = _one("ServiceAccount"), _one(binding_kind), _one(role_kind)
-    assert _pod_spec()["serviceAccountName"] == account["metadata"]["name"]
+def test_each_workload_runs_as_the_bound_service_account(
+    file: str, workload: str, binding_kind: str, role_kind: str
+) -> None:
+    """The workload's ServiceAccount, in its file, is the one each binding grants its role to."""
+    account, binding, role = _one("ServiceAccount", file), _one(binding_kind, file), _one(role_kind, file)
+    pod_spec = _one(workload, file)["spec"]["template"]["spec"]
+    assert pod_spec["serviceAccountName"] == account["metadata"]["name"]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": role_kind,
@@ -336,6 +348,46 @@ def test_the_role_grants_the_datastores_leases_in_the_agents_namespace() -> None
     role = _one("Role")
     assert role["metadata"]["namespace"] == _one("DaemonSet")["metadata"]["namespace"]
     assert _grants(role) == {("coordination.k8s.io", "leases"): {"get", "list", "create", "update", "delete"}}
+
+
+def _kube_sync() -> Manifest:
+    """kube-sync's one container."""
+    containers: list[Manifest] = _one("Deployment", KUBE_SYNC)["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, f"{KUBE_SYNC}: {len(containers)} containers"
+    return containers[0]
+
+
+def test_kube_sync_args_parse_and_name_the_agents_etcd() -> None:
+    """kube-sync's command line, expanded, is one `trellis kube-sync` accepts: the in-cluster
+    service account as the source, and the agents' datastore location as its etcd."""
+    data = _one("ConfigMap")["data"]
+    args = build_parser().parse_args(_argv(_kube_sync()))
+    assert (args.command, args.kubeconfig, args.datastore) == ("kube-sync", "", "etcd")
+    assert (args.datastore_location, args.log_level) == (data["datastore-location"], data["log-level"])
+
+
+def test_kube_sync_is_one_replica_replaced_by_recreation_on_the_host_network() -> None:
+    """No leader election, so one replica that a rollout stops before starting the next; on the
+    host network, as its own Pod object is only in etcd once it runs."""
+    deployment = _one("Deployment", KUBE_SYNC)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["template"]["spec"]["hostNetwork"] is True
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_kube_sync_reads_exactly_the_kinds_it_copies() -> None:
+    """Its ClusterRole grants get, list and watch on the resources under `/trellis/k8s/` of the
+    datastore's table (what kube-sync follows) and nothing else: no Role, so no Leases."""
+    expected = {(_group(r), r.plural): set(READ_VERBS) for r in resources_under(K8S_PREFIX)}
+    assert _grants(_one("ClusterRole", KUBE_SYNC)) == expected
+    assert {doc["kind"] for name, doc in DOCUMENTS if name == KUBE_SYNC} == {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+    }
 
 
 def test_the_crds_define_the_trellis_resources_of_the_datastore() -> None:

@@ -8,23 +8,39 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
 
+import pytest
+
+from tests.unit.policy_changes import ChangingCluster
 from tests.unit.policy_cluster import (
     NAT,
     SERVE_PORTS,
+    base_objects,
     cluster_policy,
+    datastore_key,
     inputs_of,
     interface,
     match,
     network_policy,
     pod,
+    pod_ip,
 )
 from trellis.calc.cluster import parse_cluster
-from trellis.calc.policy import compute_policy
-from trellis.dataplane.render.nft import COMMENT_MAX, FORWARD, NatState, render_table
+from trellis.calc.policy import PolicyCalculator, PolicyReader, compute_policy, digest
+from trellis.dataplane.render.nft import (
+    COMMENT_MAX,
+    FORWARD,
+    NatState,
+    NftTable,
+    TableRenderer,
+    render_table,
+    update_commands,
+)
 from trellis.model.ipam import Block
 from trellis.model.node import Node
 
@@ -32,6 +48,7 @@ GOLDEN = Path(__file__).parent.parent / "golden"
 Net = ipaddress.IPv4Network
 LOCAL = ("x/a", "y/a", "z/a")
 """The pods of node-1."""
+TABLE = {"family": "inet", "table": "trl"}
 
 
 def assert_golden(name: str, commands: list[dict[str, Any]]) -> None:
@@ -262,3 +279,73 @@ def test_parse_cluster_reads_nodes_and_blocks_and_skips_garbage() -> None:
     )
     assert cluster.nodes == {"node-1": node}
     assert cluster.blocks == ((Net("10.244.0.0/26"), "node-1"),)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_renderer_with_memory_renders_what_a_new_one_does(seed: int) -> None:
+    """Change after change, the agent's renderer (which keeps each unchanged endpoint's chains)
+    gives the table a fresh rendering gives; an update to an equal table is no command at all."""
+    cluster, reader, renderer = ChangingCluster(random.Random(seed)), PolicyReader(), TableRenderer()
+    calculator = PolicyCalculator()
+    held = None
+    for step in range(100):
+        what = cluster.change()
+        state = calculator.compute(reader.read(cluster.objects)[0], "node-1", cluster.local)
+        table = renderer.render(cluster.nat(), state)
+        assert table.commands() == render_table(cluster.nat(), state), f"step {step}: {what}"
+        if held is not None:
+            assert update_commands(held, table) is not None
+        assert update_commands(table, renderer.render(cluster.nat(), state)) == []
+        held = table
+
+
+def _pod_add() -> tuple[NftTable, NftTable, str]:
+    """x/a isolated and open to pods b; then a pod b joins on node-1: (before, after, its interface)."""
+    policy = network_policy(
+        "p", pod_selector=match(pod="a"), ingress=[{"from": [{"podSelector": match(pod="b")}]}]
+    )
+    store = {datastore_key(obj): obj for obj in (*base_objects(), policy)}
+    local = {key: interface(key) for key in LOCAL}
+    reader, calculator, renderer = PolicyReader(), PolicyCalculator(), TableRenderer()
+    nat = NatState(NAT.pod_nets, NAT.cluster_nets, frozenset({(interface("x/a"), pod_ip("x/a"))}))
+    before = renderer.render(nat, calculator.compute(reader.read(store)[0], "node-1", local))
+    added = pod("x/new", labels={"pod": "b"}, ip="10.244.1.13")
+    store[datastore_key(added)] = added
+    local["x/new"] = interface("x/new")
+    nat = NatState(
+        nat.pod_nets, nat.cluster_nets, nat.pod_sources | {(interface("x/new"), pod_ip("x/a") + 3)}
+    )
+    after = renderer.render(nat, calculator.compute(reader.read(store)[0], "node-1", local))
+    return before, after, interface("x/new")
+
+
+def test_a_pod_add_changes_elements_and_nothing_else() -> None:
+    """The new pod joins the endpoints, its sources and x/a's peer set; it is unrestricted, so
+    it gets no chain, and no chain is flushed: every rule keeps its counter."""
+    before, after, new = _pod_add()
+    commands = update_commands(before, after)
+    peers = f"pods_{digest('pods pod=b in namespace x')}"
+    assert commands == [
+        {"add": {"element": {**TABLE, "name": "pod_sources", "elem": [{"concat": [new, "10.244.1.13"]}]}}},
+        {"add": {"element": {**TABLE, "name": "endpoints", "elem": [new]}}},
+        {"add": {"element": {**TABLE, "name": peers, "elem": ["10.244.1.13"]}}},
+    ]
+
+
+def test_a_changed_declaration_needs_a_replace() -> None:
+    before, after, _ = _pod_add()
+    retyped = NftTable(
+        {**after.sets, "endpoints": replace(after.sets["endpoints"], declaration={"type": "ipv4_addr"})},
+        after.chains,
+    )
+    assert update_commands(before, retyped) is None
+    rehooked = NftTable(
+        after.sets,
+        {
+            **after.chains,
+            FORWARD: replace(
+                after.chains[FORWARD], hook={"type": "filter", "hook": "input", "prio": 0, "policy": "accept"}
+            ),
+        },
+    )
+    assert update_commands(before, rehooked) is None

@@ -35,13 +35,12 @@ from trellis.agent.metrics import AgentMetrics
 from trellis.bgp.bird import Bird, BirdError
 from trellis.calc.bgp import compute_bgp, parse_bgp_objects
 from trellis.calc.cluster import Cluster, parse_cluster
-from trellis.calc.policy import PolicyState, compute_policy, read_policy_inputs
+from trellis.calc.policy import PolicyCalculator, PolicyReader, PolicyState
 from trellis.calc.routes import DesiredRoutes, compute_routes
-from trellis.dataplane.kernel import nft
 from trellis.dataplane.kernel.netlink import KernelError, SocketPool, enable_forwarding
-from trellis.dataplane.kernel.nft import NftError
+from trellis.dataplane.kernel.nft import NftError, Table
 from trellis.dataplane.kernel.overlay import Overlay, VxlanSpec
-from trellis.dataplane.render.nft import NatState, render_table
+from trellis.dataplane.render.nft import NatState, TableRenderer
 from trellis.datastore.base import KV, Conflict, Datastore, DatastoreError, Event, EventKind, LeaseExpired
 from trellis.datastore.syncer import Syncer
 from trellis.ipam.allocator import Ipam, block_usage
@@ -71,8 +70,6 @@ POLICY_KINDS = {
     "clusternetworkpolicies": CLUSTER_NETWORK_POLICY_PREFIX,
 }
 """Policy objects counted in `status.json`: kind -> key prefix."""
-TABLE_COUNTS = {"chains": "chain", "rules": "rule"}
-"""What of the nftables table `status.json` counts: name -> object added by the table's commands."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +157,12 @@ class NetworkController:
         self._lease = 0
         self._node: Node | None = None
         self._absent_since: dict[str, float] = {}
-        self._last_table: list[dict[str, Any]] | None = None
+        self._reader = PolicyReader()
+        self._calculator = PolicyCalculator()
+        self._renderer = TableRenderer()
+        self._table = Table()
+        """The node's `inet trl`: updated in place after a change; replaced whole at a resync
+        only if another nftables transaction came between (or on the first pass)."""
         self._last_routes: DesiredRoutes | None = None
         self._last_full = float("-inf")
         self._problems: dict[str, tuple[str, ...]] = {}
@@ -190,7 +192,8 @@ class NetworkController:
         """Stop following the cluster; the kernel keeps what it holds, the lease runs out.
 
         BIRD is told to restart gracefully: peers and this kernel keep its routes until a
-        new agent brings it back.
+        new agent brings it back. Unless the node was removed from the cluster: then BIRD
+        closes its sessions and every peer, external routers too, drops its routes at once.
         """
         self._stopping.set()
         self.view.changed.set()
@@ -198,7 +201,19 @@ class NetworkController:
             thread.join(timeout=5)
         self.syncer.stop()
         if self.bird is not None:
-            self.bird.stop()
+            self.bird.stop(leaving=self._removed())
+
+    def _removed(self) -> bool:
+        """Whether this node's object is gone from the datastore (an operator removed the node,
+        or its lease ran out: either way its peers no longer route to it). Asked of the
+        datastore, not of the view, which may lag; when it cannot answer, the node stays."""
+        if self._node is None:
+            return False
+        try:
+            return self.store.get(self._node.key) is None
+        except DatastoreError as err:
+            log.warning("cannot tell whether this node was removed (%s): BIRD keeps its routes", err)
+            return False
 
     def _run(self) -> None:
         while not self._stopping.is_set() and not self.view.synced.wait(timeout=0.5):
@@ -294,7 +309,7 @@ class NetworkController:
 
     def _apply_bgp(self, objects: dict[str, dict[str, Any]], cluster: Cluster) -> None:
         assert self.bird is not None and self._node is not None
-        inputs, _ = read_policy_inputs(objects)
+        inputs, _ = self._reader.read(objects)  # node labels, parsed once for BGP and policy
         labels = {name: node.labels for name, node in inputs.nodes.items()}
         desired = compute_bgp(
             self._node, cluster.nodes, cluster.blocks, self.config.pools, parse_bgp_objects(objects), labels
@@ -326,8 +341,8 @@ class NetworkController:
 
     def _policy(self, objects: dict[str, dict[str, Any]], local: list[LocalEndpoint]) -> PolicyState:
         with self.metrics.timing("policy"):
-            inputs, errors = read_policy_inputs(objects)
-            state = compute_policy(inputs, self.config.node, {e.pod: e.interface for e in local})
+            inputs, errors = self._reader.read(objects)
+            state = self._calculator.compute(inputs, self.config.node, {e.pod: e.interface for e in local})
         self._report_problems("policy objects", errors)
         self._report_problems("endpoints", state.problems)
         return state
@@ -338,19 +353,23 @@ class NetworkController:
         nodes = frozenset(ipaddress.IPv4Network(f"{n.underlay.ip}/32") for n in cluster.nodes.values())
         pools = frozenset(self.config.pools)
         sources = frozenset((e.interface, e.address) for e in local)
-        commands = render_table(
+        table = self._renderer.render(
             NatState(pod_nets=pools, cluster_nets=pools | nodes, pod_sources=sources), policy
         )
-        if force or commands != self._last_table:
+        changed = table != self._table.held
+        if force or changed:
             with self.metrics.timing("nftables"):
-                nft.apply(commands)
-            if commands != self._last_table:
+                done = self._table.program(table, resync=force)
+            if done.refused is not None:
+                log.warning("nftables refused updating table inet trl, replaced it whole: %s", done.refused)
+            if changed:
                 log.info(
-                    "nftables table inet trl replaced (%d cluster destinations, %s)",
+                    "nftables table inet trl %s, %d commands (%d cluster destinations, %s)",
+                    "replaced" if done.replaced else "updated",
+                    done.commands,
                     len(pools | nodes),
                     "policy off" if policy is None else f"{len(policy.endpoints)} endpoints with policy",
                 )
-            self._last_table = commands
 
     def _report_problems(self, what: str, problems: tuple[str, ...]) -> None:
         """Log each problem once, when it appears, not on every reconcile (a burst of pods would
@@ -390,8 +409,8 @@ class NetworkController:
                 for kind, prefix in POLICY_KINDS.items()
             },
             "nftables": {
-                name: sum(1 for command in self._last_table or [] if kind in command.get("add", {}))
-                for name, kind in TABLE_COUNTS.items()
+                "chains": len(held.chains) if (held := self._table.held) else 0,
+                "rules": held.rule_count if held else 0,
             },
         }
         if self.bird is not None:

@@ -15,6 +15,9 @@ Why this shape (docs/design/bgp.md):
   so peers keep the node's routes for the graceful restart time, and the kernel keeps its
   routes; the next agent picks up from there. If BIRD does not answer it is killed, which
   peers see the same way;
+- `stop(leaving=True)`, for a node that leaves the cluster for good, sends `down` instead:
+  every session closes with a Cease notification and peers drop the node's routes at once,
+  external routers too, which know nothing of the datastore;
 - an agent that dies without `stop()` leaves BIRD running (no parent-death signal, its own
   session so a terminal's Ctrl-C does not reach it): routing goes on, and the next agent adopts
   that BIRD through the pid file instead of starting a second one.
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0
 """How long a new BIRD may take to answer on its control socket."""
 STOP_TIMEOUT_S = 10.0
-"""How long BIRD may take to exit after `graceful restart` before it is killed."""
+"""How long BIRD may take to exit after `graceful restart` or `down` before it is killed."""
 CONTROL_TIMEOUT_S = 5.0
 WATCH_INTERVAL_S = 0.5
 """How often the watcher looks up from waiting on BIRD to see whether it should stop."""
@@ -235,9 +238,12 @@ class Bird:
             log.debug("BIRD (pid %d) did not answer show protocols: %s", process.pid, err)
             return BirdStatus(process.pid)
 
-    def stop(self) -> None:
+    def stop(self, leaving: bool = False) -> None:
         """Stop BIRD without withdrawing routes (see the module's note); idempotent.
 
+        `leaving`: the node leaves the cluster for good, so BIRD does withdraw them: it closes
+        its sessions with a notification and peers drop its routes at once instead of keeping
+        them for a restart.
         Also stops a BIRD a previous agent left running, so it cleans up after a killed agent.
         """
         self._stopping.set()
@@ -248,7 +254,7 @@ class Bird:
             if process is None:
                 process = self._adopt()
             if process is not None:
-                self._shut_down(process)
+                self._shut_down(process, leaving)
 
     # -- the process -----------------------------------------------------------------------
 
@@ -348,20 +354,26 @@ class Bird:
             return
         log.info("BIRD reconfigured from %s", self.config)
 
-    def _shut_down(self, process: _Process) -> None:
-        """`graceful restart`, or SIGKILL when BIRD does not answer or exit: either way peers
-        and the kernel keep the routes."""
+    def _shut_down(self, process: _Process, leaving: bool = False) -> None:
+        """`graceful restart` (peers and the kernel keep the routes) or, when the node is
+        `leaving`, `down` (every session closes with a Cease notification: peers drop the
+        routes); SIGKILL when BIRD does not answer or exit, which peers take for a restart."""
+        command = "down" if leaving else "graceful restart"
         try:
-            self.control.command("graceful restart")
+            self.control.command(command)
         except (OSError, BirdError) as err:
-            log.warning("BIRD (pid %d) did not take graceful restart (%s): killing it", process.pid, err)
+            log.warning("BIRD (pid %d) did not take %s (%s): killing it", process.pid, command, err)
             process.kill()
         if not process.exited(STOP_TIMEOUT_S):
-            log.warning("BIRD (pid %d) still runs after graceful restart: killing it", process.pid)
+            log.warning("BIRD (pid %d) still runs after %s: killing it", process.pid, command)
             process.kill()
             process.exited(STOP_TIMEOUT_S)
         process.reap()
-        log.info("BIRD (pid %d) stopped for graceful restart: kernel and peers keep the routes", process.pid)
+        if leaving:
+            outcome = "for good: its sessions closed, peers drop its routes"
+        else:
+            outcome = "for graceful restart: kernel and peers keep the routes"
+        log.info("BIRD (pid %d) stopped %s", process.pid, outcome)
 
     def _watch(self) -> None:
         """Start BIRD again whenever it exits, until `stop()`."""

@@ -39,9 +39,15 @@ RECOVERY_WAIT_S = 15
 """How long a BIRD started with `-R` waits for its sessions before it syncs the kernel anyway.
 BIRD's default is 240 s, and until then it holds back every kernel change: while a peer stays
 down, and (2.0.12) after `configure` removed a session that had not come up again. Sessions
-come back within about 2 s here."""
+come back within about 1 s here."""
 SCAN_TIME_S = 10
 """Seconds between BIRD's scans of interfaces and of the kernel table, repairing what others changed."""
+CONNECT_DELAY_S = 1
+"""Seconds from a session's start to its first connection attempt, less up to a quarter (RFC
+4271's jitter): the bulk of a joining node's wait for its routes. 1 is BIRD's least (it
+raises 0 to 1). Calico's 2 s keep both ends from connecting at once; here only one end of a
+session between nodes connects (the other is `passive`), the ToR never does, and a collision
+with any other peer is resolved by BGP itself (RFC 4271 6.8)."""
 OWN_BLOCKS = f'proto = "{STATIC_PROTOCOL}"'
 REFLECTED = f"source = RTS_BGP && {POD_ROUTE}()"
 
@@ -126,7 +132,7 @@ template bgp {TEMPLATE} {{
   direct;
   graceful restart on;
   graceful restart time {desired.graceful_restart_s};
-  connect delay time 2;
+  connect delay time {CONNECT_DELAY_S};
   connect retry time 5;
   error wait time 5, 30;
   debug {{ states }};

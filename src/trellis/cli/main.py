@@ -49,6 +49,16 @@ def _install_cni(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_etcd_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """--etcd-ca, --etcd-cert and --etcd-key: the PEM files of an etcd reached over https://."""
+    for flag, what in (
+        ("--etcd-ca", "CA bundle that signs etcd's server certificate (default: the system's CAs)"),
+        ("--etcd-cert", "client certificate for an etcd that requires one (with --etcd-key)"),
+        ("--etcd-key", "private key of --etcd-cert"),
+    ):
+        parser.add_argument(flag, type=Path, metavar="FILE", help=f"etcd over https://: PEM {what}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trellis", description="Trellis Kubernetes network plugin")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
@@ -67,12 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sqlite: the file (default STATE_DIR/trellis.db); etcd: a URL such as http://HOST:2379; "
         "kubernetes: a kubeconfig file (default: the in-cluster service account)",
     )
-    for flag, what in (
-        ("--etcd-ca", "CA bundle that signs etcd's server certificate (default: the system's CAs)"),
-        ("--etcd-cert", "client certificate for an etcd that requires one (with --etcd-key)"),
-        ("--etcd-key", "private key of --etcd-cert"),
-    ):
-        agent.add_argument(flag, type=Path, metavar="FILE", help=f"etcd over https://: PEM {what}")
+    add_etcd_tls_arguments(agent)
     agent.add_argument("--pool", type=ipaddress.IPv4Network, action="append", help="IP pool (repeatable)")
     agent.add_argument("--block-size", type=int, default=26, help="block prefix length (default 26)")
     agent.add_argument("--backend", default="vxlan", choices=sorted(BACKEND_OVERHEAD))
@@ -107,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inst.set_defaults(func=_install_cni)
 
+    from trellis.cli.kubesync import add_kube_sync_parser
     from trellis.cli.policy import add_policy_parser
     from trellis.cli.status import add_status_parser
     from trellis.lab.cli import add_lab_parser
@@ -114,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_parser(sub)
     add_policy_parser(sub)
     add_status_parser(sub)
+    add_kube_sync_parser(sub)
     return parser
 
 

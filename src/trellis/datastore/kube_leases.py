@@ -37,6 +37,7 @@ own: the API has no transaction over several objects.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import socket
 import threading
@@ -72,14 +73,15 @@ class Leases:
     """The datastore's lease calls, for the objects of one API server."""
 
     def __init__(self, api: ApiClient, clock: Callable[[], float], sweep_interval_s: float) -> None:
-        """`clock`: seconds, for judging expiry (monotonic); `sweep_interval_s`: how often to look."""
+        """`clock`: seconds, for judging expiry (monotonic); `sweep_interval_s`: how often to look
+        (math.inf: never, for a store that only reads the cluster's objects: kube-sync)."""
         self.api = api
         self.clock = clock
         self.sweep_interval_s = sweep_interval_s
         self.collection = f"apis/coordination.k8s.io/v1/namespaces/{api.namespace}/leases"
         self._seen: dict[int, tuple[str, float]] = {}
         """Lease -> (resourceVersion, clock time it was first seen at)."""
-        self._next_sweep = float("-inf")
+        self._next_sweep = float("-inf") if math.isfinite(sweep_interval_s) else math.inf
         self._sweeping = threading.Lock()
 
     def _path(self, lease: int) -> str:

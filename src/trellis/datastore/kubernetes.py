@@ -68,7 +68,8 @@ class KubernetesDatastore:
         """`kubeconfig`: a file, empty for in-cluster; `transport` replaces the network (tests);
         `clock` judges lease expiry (seconds); `timeout_s` bounds a request; `watch_timeout_s`
         is how long the server keeps a watch open before it is reopened; `sweep_interval_s`
-        how often expired leases are looked for; `page_size` the objects per list request."""
+        how often expired leases are looked for (math.inf: never); `page_size` the objects per
+        list request."""
         self.api = ApiClient(kubeconfig, transport=transport, timeout_s=timeout_s)
         self.leases = Leases(self.api, clock, sweep_interval_s)
         self.watch_timeout_s = watch_timeout_s

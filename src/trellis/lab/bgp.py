@@ -4,12 +4,14 @@
 Why the lab stops BIRD itself: BIRD outlives an agent that was killed (by design, so that
 routes stay while the supervisor restarts the agent, `docs/design/bgp.md`); a lab that is
 taken down, or a node that leaves, must leave no BIRD behind, so the lab stops each node's
-BIRD through its pid file and control socket, as the next agent would have adopted it.
+BIRD through its pid file and control socket, as the next agent would have adopted it. A node
+that leaves has its BIRD close its sessions (`leaving`), as its agent would have done.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from trellis.bgp.bird import Bird
@@ -69,8 +71,18 @@ def tear_down(paths: LabPaths, state: LabState, nodes: Iterable[Node]) -> None:
         frr.remove_tor(state)
 
 
-def stop_birds(paths: LabPaths, nodes: Iterable[Node]) -> None:
-    """Stop each node's BIRD (gracefully: see `Bird.stop`); nothing to do where none runs."""
+def bird_pid(paths: LabPaths, node: str) -> int | None:
+    """The PID of the node's BIRD, from its pid file (None when none runs)."""
+    try:
+        pid = int(Bird(paths.node_dir(node)).pidfile.read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+def stop_birds(paths: LabPaths, nodes: Iterable[Node], leaving: bool = False) -> None:
+    """Stop each node's BIRD (see `Bird.stop`: gracefully, or closing its sessions when the
+    nodes are `leaving` the cluster); nothing to do where none runs."""
     for node in nodes:
         if paths.node_dir(node.name).exists():
-            Bird(paths.node_dir(node.name)).stop()
+            Bird(paths.node_dir(node.name)).stop(leaving=leaving)

@@ -207,32 +207,34 @@ def add_lab_parser(sub: Any) -> None:
         "--subnets", type=int, default=1, help="underlay subnets the nodes alternate over (default 1)"
     )
 
-    node: argparse.ArgumentParser = commands.add_parser(
-        "node",
-        help="add a node to the lab, or remove one",
-        description="add a node to the lab, or remove one",
-    )
-    node_commands = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
-    for name, text in (
+    def group(
+        name: str, handler: Handler, text: str, verbs: tuple[tuple[str, str], ...]
+    ) -> list[argparse.ArgumentParser]:
+        """`trellis lab NAME VERB` for each (verb, help) of `verbs`, all run by `handler`, which
+        reads the verb from `args.<name>_command`."""
+        parent: argparse.ArgumentParser = commands.add_parser(name, help=text, description=text)
+        sub = parent.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+        made: list[argparse.ArgumentParser] = []
+        for verb, verb_text in verbs:
+            parser: argparse.ArgumentParser = sub.add_parser(
+                verb, parents=[common], help=verb_text, description=verb_text
+            )
+            parser.set_defaults(func=guarded(handler, f"trellis lab {name} {verb}"))
+            made.append(parser)
+        return made
+
+    node_verbs = (
         ("add", "a new node joins: namespace, uplink, supervised agent; returns once it is registered"),
         ("remove", "a node leaves: its pods, agent, datastore object, namespace; others drop its routes"),
-    ):
-        verb = node_commands.add_parser(name, parents=[common], help=text, description=text)
-        verb.add_argument("node", type=argument_type(check_node_name), help="the node's name (a DNS label)")
-        verb.set_defaults(func=guarded(_node, f"trellis lab node {name}"))
-
-    datastore: argparse.ArgumentParser = commands.add_parser(
-        "datastore",
-        help="stop the lab's etcd (an outage on purpose), or start it again",
-        description="stop the lab's etcd (an outage on purpose), or start it again",
     )
-    datastore_commands = datastore.add_subparsers(dest="datastore_command", required=True, metavar="COMMAND")
-    for name, text in (
+    for verb in group("node", _node, "add a node to the lab, or remove one", node_verbs):
+        verb.add_argument("node", type=argument_type(check_node_name), help="the node's name (a DNS label)")
+    datastore_verbs = (
         ("stop", "kill the lab's etcd (SIGKILL) and keep it down; the agents keep the network as it is"),
         ("start", "start the lab's etcd again on its data; returns once it is healthy"),
-    ):
-        verb = datastore_commands.add_parser(name, parents=[common], help=text, description=text)
-        verb.set_defaults(func=guarded(_datastore, f"trellis lab datastore {name}"))
+    )
+    datastore_text = "stop the lab's etcd (an outage on purpose), or start it again"
+    group("datastore", _datastore, datastore_text, datastore_verbs)
 
     for name, handler, text in (
         ("apply", _apply, "create or update the Namespaces, Pods and policies of a YAML file"),

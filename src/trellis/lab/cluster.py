@@ -15,8 +15,10 @@ goes through a `report` callback: the CLI prints plain lines, the demo prints th
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import shutil
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from trellis.calc.routes import BACKENDS as ROUTED_BACKENDS
+from trellis.cni.client import encode_request
 from trellis.cni.install import CONFLIST_NAME
 from trellis.lab import bgp, converge, fabric, frr, kube, store
 from trellis.lab.errors import LabError, LabNotFound
@@ -37,7 +40,7 @@ from trellis.lab.manifest import (
     StoredObject,
 )
 from trellis.lab.nodes import build_node, wait_joined
-from trellis.lab.pods import create_pod, delete_pod, new_pod, node_cni_path, node_ready, start_server
+from trellis.lab.pods import create_pod, delete_pod, new_pod, node_cni_path, start_server
 from trellis.lab.probe import Check, Endpoint, Matrix, probe, udp_sockets_per_source
 from trellis.lab.process import ProcessRef, stop
 from trellis.lab.report import Report, quiet
@@ -45,6 +48,7 @@ from trellis.lab.state import (
     LAB_ROOT,
     LabPaths,
     LabState,
+    Node,
     Pod,
     already_exists,
     check_node_count,
@@ -72,6 +76,10 @@ BACKENDS = (*ROUTED_BACKENDS, "bgp")
 DATASTORES = ("sqlite", "etcd")
 EXTERNAL_NAME = "external"
 """What the external host's server calls itself in its answers."""
+ANSWER_TIMEOUT_S = 2.0
+"""How long `status` waits for each step of an agent's answer to CNI STATUS (seconds). A frozen
+agent (SIGSTOP, a deadlock) never answers, yet its socket still takes connections (into the
+kernel's backlog): the plugin would wait 120 s for it, as long as kubelet allows."""
 
 
 def warnings(backend: str, subnets: int) -> list[str]:
@@ -349,25 +357,55 @@ class NodeStatus:
     agent: ProcessRef | None
     restarts: int
     ready: bool
+    answering: bool
+    """Whether the agent answered CNI STATUS (successfully or not) within ANSWER_TIMEOUT_S."""
     bgp: list[dict[str, str]]
     """With backend bgp: the node's BGP sessions as its agent last reported them (`name`,
     `state`, `info`: BIRD's protocol name, state and info)."""
 
 
 def node_status(paths: LabPaths, state: LabState) -> list[NodeStatus]:
-    """Each node's agent as it is now: its PID if running, and whether it answers CNI STATUS."""
-    return [
-        NodeStatus(
-            node.name,
-            node.netns,
-            node.underlay,
-            current_agent(paths, node.name),
-            int(read_record(paths.agent_record(node.name)).get("restarts", 0)),
-            node_ready(paths, node),
-            list((converge.reported(paths, node.name) or {}).get("bgp", [])),
+    """Each node's agent as it is now: its PID if running, and whether it answers CNI STATUS
+    (within ANSWER_TIMEOUT_S: a frozen agent is reported as not answering)."""
+    statuses = []
+    for node in state.nodes:
+        answer = agent_answer(paths, node)
+        statuses.append(
+            NodeStatus(
+                node.name,
+                node.netns,
+                node.underlay,
+                current_agent(paths, node.name),
+                int(read_record(paths.agent_record(node.name)).get("restarts", 0)),
+                answer is True,
+                answer is not None,
+                list((converge.reported(paths, node.name) or {}).get("bgp", [])),
+            )
         )
-        for node in state.nodes
-    ]
+    return statuses
+
+
+def agent_answer(paths: LabPaths, node: Node, timeout_s: float = ANSWER_TIMEOUT_S) -> bool | None:
+    """The node's agent's answer to CNI STATUS: True (ready), False (not ready), None (no answer
+    within `timeout_s` for a step: not running, or frozen).
+
+    The request is the one the node's plugin forwards for a runtime's STATUS (`trellis.cni.client`'s
+    wire format), sent here with a deadline that the plugin, exec'd by a runtime, does not have.
+    """
+    env = {"CNI_COMMAND": "STATUS", "CNI_PATH": ":".join(map(str, node_cni_path(paths, node)))}
+    try:
+        conflist = json.loads((paths.cni_conf_dir(node.name) / CONFLIST_NAME).read_text())
+        conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **conflist["plugins"][0]}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(str(paths.agent_socket(node.name)))
+            sock.sendall(encode_request(env, json.dumps(conf).encode()))
+            sock.shutdown(socket.SHUT_WR)
+            with sock.makefile("rb") as reply:
+                code = reply.readline()
+    except OSError:  # no node files or socket, nobody listening, or no answer in time (TimeoutError)
+        return None
+    return code.strip() == b"0" if code else None
 
 
 def status_json(paths: LabPaths, state: LabState, nodes: list[NodeStatus]) -> dict[str, Any]:
@@ -401,8 +439,10 @@ def status_json(paths: LabPaths, state: LabState, nodes: list[NodeStatus]) -> di
                 "agent_pid": None if n.agent is None else n.agent.pid,
                 "agent_restarts": n.restarts,
                 "ready": n.ready,
+                "answering": n.answering,
                 "cni_conf": str(paths.cni_conf_dir(n.name) / CONFLIST_NAME),
                 "bgp": n.bgp,
+                "bird_pid": bgp.bird_pid(paths, n.name) if state.backend == "bgp" else None,
             }
             for n in nodes
         ],

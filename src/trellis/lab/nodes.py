@@ -2,11 +2,15 @@
 
 Why removing a node is the lab's work and not its agent's: an agent that stops does not leave
 the cluster (a restart must disturb nothing), so a node leaves the way an operator removes one
-from Kubernetes: drain it (the lab deletes its pods through CNI DEL, as kubelet would), stop
-its agent (the DaemonSet's pod goes), delete its object `/trellis/nodes/NAME` from the
-datastore (as `kubectl delete node`; every other agent then drops its routes) and take the
-machine away (its namespace and fabric port). Until all of that is done the node is recorded
-as retired: `down` still removes its namespace, and running `node remove` again finishes it.
+from Kubernetes: drain it (the lab deletes its pods through CNI DEL, as kubelet would), delete
+its object `/trellis/nodes/NAME` and its Node object from the datastore (as `kubectl delete
+node`; every other agent then drops its routes), stop its agent (the DaemonSet's pod goes) and
+take the machine away (its namespace and fabric port). The deletion comes before the stop:
+an agent that stops and finds its node gone from the datastore leaves for good, which with
+backend bgp means BIRD closes its sessions with a notification, so that peers that know
+nothing of the datastore (a ToR) drop its routes at once instead of keeping them for a
+restart (docs/design/bgp.md). Until all of that is done the node is recorded as retired:
+`down` still removes its namespace, and running `node remove` again finishes it.
 
 Joining is the reverse: namespace and uplink, CNI configuration, then the supervisor (woken by
 SIGHUP) starts its agent. A node has joined once its agent answers CNI STATUS, the lab has
@@ -109,7 +113,7 @@ def _release_agent(paths: LabPaths, state: LabState, node: Node) -> None:
     wait_until(released, RELEASE_TIMEOUT_S)
     stop([current_agent(paths, node.name)])  # in case the supervisor could not
     if state.backend == "bgp":
-        bgp.stop_birds(paths, [node])  # a killed agent leaves its BIRD running
+        bgp.stop_birds(paths, [node], leaving=True)  # a killed agent leaves its BIRD running
 
 
 def _retire(paths: LabPaths, state: LabState, node: Node) -> list[str]:
@@ -122,8 +126,8 @@ def _retire(paths: LabPaths, state: LabState, node: Node) -> list[str]:
         state.nodes.remove(node)
         state.retired.append(node)
         save(paths, state)
-    _release_agent(paths, state, node)
     store.write(paths, state, {NODE_PREFIX + node.name: None, kube.node_key(node.name): None})
+    _release_agent(paths, state, node)  # after the deletion: the agent then leaves for good
     blocks = store.node_blocks(paths, state, node.name)
     fabric.remove_port(state.fabric_netns, fabric.fabric_port(node.index))
     fabric.remove_netns(node.netns)

@@ -37,7 +37,7 @@ def nodes_table(state: LabState, nodes: list[NodeStatus]) -> Table:
             str(node.underlay),
             "-" if node.agent is None else str(node.agent.pid),
             str(node.restarts),
-            "[green]yes[/]" if node.ready else "[red]no[/]",
+            "[green]yes[/]" if node.ready else "[red]no[/]" if node.answering else "[red]not answering[/]",
         ]
         table.add_row(*row, *([_sessions(node.bgp)] if bgp else []))
     return table

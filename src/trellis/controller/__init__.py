@@ -1,0 +1,1 @@
+"""Cluster-wide controllers: one replica each, beside the agents (`kubesync`)."""
