@@ -357,9 +357,9 @@ def attachment(pod_key: str) -> Attachment:
 
 
 def local_endpoints(objects: Mapping[str, Any], node: str) -> dict[str, str]:
-    """Pod key -> host interface of every pod on `node`, as the agent's IPAM gives them."""
+    """Host interface -> pod key of every pod on `node`, as the agent's IPAM gives them."""
     return {
-        key.removeprefix(POD_PREFIX): host_veth_name(attachment(key.removeprefix(POD_PREFIX)))
+        host_veth_name(attachment(key.removeprefix(POD_PREFIX))): key.removeprefix(POD_PREFIX)
         for key, value in objects.items()
         if key.startswith(POD_PREFIX) and value["spec"]["nodeName"] == node
     }
@@ -370,7 +370,7 @@ def nat_state(objects: Mapping[str, Any], local: Mapping[str, str]) -> NatState:
     nodes = {ipaddress.IPv4Network(f"172.30.0.{11 + i}/32") for i in range(len(NODES))}
     sources = frozenset(
         (interface, ipaddress.IPv4Address(objects[POD_PREFIX + key]["status"]["podIP"]))
-        for key, interface in local.items()
+        for interface, key in local.items()
     )
     return NatState(frozenset({POOL}), frozenset({POOL, *nodes}), sources)
 
@@ -433,7 +433,7 @@ def pod_adds(objects: Objects, local: dict[str, str], count: int) -> Iterator[Ch
         key, pod = _keyed(POD_PREFIX, _pod(index, name_suffix="-new", slot_offset=PODS // len(NODES) + n))
         pod_key = key.removeprefix(POD_PREFIX)
         endpoint = host_veth_name(attachment(pod_key))
-        yield Change("pod", f"ADD {pod_key}", {**objects, key: pod}, {**local, pod_key: endpoint})
+        yield Change("pod", f"ADD {pod_key}", {**objects, key: pod}, {**local, endpoint: pod_key})
 
 
 # -- compute -----------------------------------------------------------------------------------
@@ -631,14 +631,17 @@ class Pair:
 
 def throughput_pair(inputs: PolicyInputs, local: Mapping[str, str]) -> Pair:
     """Two pods of the node, isolated at both ends by NetworkPolicies, allowed to connect."""
-    oracle = PolicyOracle(inputs, local)
+    interfaces = {key: interface for interface, key in local.items()}
+    oracle = PolicyOracle(inputs, interfaces)
     state = oracle.state(NODE)
 
     def isolated(key: str, direction: Direction) -> bool:
-        return any(t.kind is TierKind.NETWORK_POLICY for t in state.endpoints[local[key]].tiers(direction))
+        return any(
+            t.kind is TierKind.NETWORK_POLICY for t in state.endpoints[interfaces[key]].tiers(direction)
+        )
 
-    senders = [key for key in sorted(local) if isolated(key, Direction.EGRESS)]
-    receivers = [key for key in sorted(local) if isolated(key, Direction.INGRESS)]
+    senders = [key for key in sorted(interfaces) if isolated(key, Direction.EGRESS)]
+    receivers = [key for key in sorted(interfaces) if isolated(key, Direction.INGRESS)]
     for port in THROUGHPUT_PORTS:
         for source in senders:
             for target in receivers:

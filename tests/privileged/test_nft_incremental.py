@@ -23,7 +23,7 @@ import pytest
 
 from tests.privileged.nodes import delete_namespaces, run
 from tests.unit.policy_changes import ChangingCluster
-from tests.unit.policy_cluster import NODES
+from tests.unit.policy_cluster import NODES, datastore_key, network_policy
 from trellis.calc.policy import PolicyCalculator, PolicyReader, compute_policy, read_policy_inputs
 from trellis.dataplane.kernel.netns import call_in_netns
 from trellis.dataplane.kernel.nft import Nft, Programmed, Table
@@ -138,7 +138,7 @@ def test_a_refused_update_or_anyone_elses_transaction_means_a_replace_that_keeps
     assert agent.table.program(first).replaced, "nothing known to update from"
     assert not agent.table.program(first, resync=True).replaced, "no one else committed anything"
     gone = sorted(cluster.local)[0]
-    inc.run(f"delete element inet trl endpoints {{ {cluster.local[gone]} }}")
+    inc.run(f"delete element inet trl endpoints {{ {gone} }}")
     del cluster.local[gone]
     done = agent.table.program(agent.desired(cluster))
     assert done.replaced and done.refused is not None
@@ -151,3 +151,41 @@ def test_a_refused_update_or_anyone_elses_transaction_means_a_replace_that_keeps
     assert resync.replaced and resync.refused is None
     assert canonical(inc.list_table()) == canonical(full.list_table())
     assert all(c == COUNTED for chain in counters(inc.list_table()).values() for c in chain)
+
+
+def test_anyone_elses_transaction_before_an_update_still_means_a_replace_at_resync(
+    kernels: tuple[Nft, Nft],
+) -> None:
+    """Someone removes an element our next update does not touch, then the agent updates: the
+    update succeeds, but it did not repair the table, so the next resync must replace it."""
+    inc, full = kernels
+    cluster, agent = ChangingCluster(random.Random(7)), Agent(inc)
+    assert agent.table.program(agent.desired(cluster)).replaced
+    inc.run("delete element inet trl pod_nets { 10.244.0.0/16 }")
+    del cluster.local[sorted(cluster.local)[0]]
+    done = agent.table.program(agent.desired(cluster))
+    assert not done.replaced and done.commands > 0, "the update does not touch pod_nets"
+    resync = agent.table.program(agent.desired(cluster), resync=True)
+    assert resync.replaced and resync.refused is None
+    inputs, _ = read_policy_inputs(cluster.objects)
+    full.apply(render_table(cluster.nat(), compute_policy(inputs, NODES[0], cluster.local)))
+    assert canonical(inc.list_table()) == canonical(full.list_table())
+
+
+def test_policy_turned_off_and_on_again_by_update(kernels: tuple[Nft, Nft]) -> None:
+    """Turning policy off removes the forward chain, the pods' chains and the verdict maps that
+    jump to them, in one update the kernel takes; turning it on again adds them back."""
+    inc, full = kernels
+    cluster, agent = ChangingCluster(random.Random(3)), Agent(inc)
+    deny = network_policy("deny", ingress=[])
+    cluster.objects[datastore_key(deny)] = deny
+    on = agent.desired(cluster)
+    assert any(name.startswith("ingress_") for name in on.chains), "some pod has a chain to remove"
+    assert agent.table.program(on).replaced
+    off = agent.renderer.render(cluster.nat(), None)
+    inputs, _ = read_policy_inputs(cluster.objects)
+    for desired, policy in ((off, None), (on, compute_policy(inputs, NODES[0], cluster.local))):
+        done = agent.table.program(desired)
+        assert done == Programmed(replaced=False, commands=done.commands), done.refused
+        full.apply(render_table(cluster.nat(), policy))
+        assert canonical(inc.list_table()) == canonical(full.list_table())

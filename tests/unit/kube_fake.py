@@ -252,7 +252,27 @@ class FakeApiServer:
     def _watch(self, plural: str, namespace: str, params: httpx2.QueryParams) -> httpx2.Response:
         start = int(params["resourceVersion"])
         stream = _WatchStream(self, plural, namespace, start, float(params["timeoutSeconds"]))
-        return httpx2.Response(200, headers={"Content-Type": "application/json"}, stream=stream)
+        # As httpx's own transport, the connection under the response (the socket `shutdown` ends).
+        extensions = {"network_stream": _Connection(stream)}
+        return httpx2.Response(
+            200, headers={"Content-Type": "application/json"}, stream=stream, extensions=extensions
+        )
+
+
+class _Connection:
+    """A watch's connection, as httpx's `network_stream`: its socket is itself, and shutting it
+    down ends the stream as a real one's would (a read error)."""
+
+    def __init__(self, stream: _WatchStream) -> None:
+        self.stream = stream
+
+    def get_extra_info(self, info: str) -> Any:
+        return self if info == "socket" else None
+
+    def shutdown(self, _how: int) -> None:
+        with self.stream.server.cond:
+            self.stream.shut = True
+            self.stream.server.cond.notify_all()
 
 
 class _WatchStream(httpx2.SyncByteStream):
@@ -264,6 +284,8 @@ class _WatchStream(httpx2.SyncByteStream):
         self.server, self.plural, self.namespace = server, plural, namespace
         self.cursor = start
         self.deadline = time.monotonic() + timeout_s
+        self.shut = False
+        """The client shut the connection down."""
 
     def _pending(self) -> list[tuple[int, str, dict[str, Any]]]:
         if self.plural in self.server.held:
@@ -284,11 +306,13 @@ class _WatchStream(httpx2.SyncByteStream):
                 return
         while True:
             with server.cond:
-                while not (pending := self._pending()) and not server.closed:
+                while not (pending := self._pending()) and not server.closed and not self.shut:
                     remaining = self.deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     server.cond.wait(remaining)
+                if self.shut:
+                    raise httpx2.ReadError("connection shut down by the client")
                 api_version, kind = server.kinds[self.plural]
                 bookmark = {
                     "apiVersion": api_version,

@@ -3,9 +3,12 @@ attached endpoints, and the NAT state the agent derives from both.
 
 For tests that hold the agent's memoised pipeline (`PolicyReader`, `PolicyCalculator`,
 `TableRenderer`, `Table`) to what a fresh computation gives, change after change: pods come,
-go, move address (often next to another pod's, so address intervals merge and split) and change
-labels; NetworkPolicies and ClusterNetworkPolicies come, go and change; namespaces are
-relabelled; nodes join and leave; endpoints attach before their pod object and detach.
+go, move address (often next to another pod's, so address intervals merge and split), change
+labels, declare other named ports (or the same names on other numbers), finish and run again,
+and are made again under the same name on another node; NetworkPolicies and
+ClusterNetworkPolicies come, go and change; namespaces are relabelled; nodes join, leave and are
+relabelled; endpoints attach before their pod object and detach, and a pod attaches a second
+interface (a second network, or a stale sandbox's until CNI DEL).
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ CLUSTER_POLICIES = [
     ),
 ]
 LABELS = [{"pod": "a"}, {"pod": "b"}, {"pod": "a", "color": "red"}, {"color": "blue"}]
+OTHER_NUMBERS = [{**SERVE_PORTS[0], "containerPort": 8080}, {**SERVE_PORTS[3], "containerPort": 9081}]
+"""Two of the named ports on other numbers."""
 MOVES = [POOL.network_address + ns * 256 + last for ns in (1, 2, 3) for last in (9, 13, 14)]
 """Addresses a pod may move to: next to the nine pods' (.10-.12 of each namespace's /24)."""
 
@@ -95,12 +100,14 @@ class ChangingCluster:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.objects = {datastore_key(obj): obj for obj in base_objects()}
-        self.local = {key: interface(key) for key in PODS if pod_node(key) == NODES[0]}
+        self.local = {interface(key): key for key in PODS if pod_node(key) == NODES[0]}
+        """Host interface -> pod key, as the agent gives them to the calculator."""
         self._made = 0
         self._changes = [
             *(self._add_pod, self._add_pod, self._delete_pod, self._relabel_pod, self._move_pod),
+            *(self._declare_ports, self._finish, self._reschedule),
             *(self._policy, self._policy, self._cluster_policy, self._namespace, self._node),
-            *(self._attach_early, self._detach),
+            *(self._attach_early, self._attach_second, self._detach),
         ]
         """Each kind of change as likely as it is listed (pods come more often than they go)."""
 
@@ -128,12 +135,12 @@ class ChangingCluster:
         made["spec"]["nodeName"] = self.rng.choice(NODES)
         self._put(made)
         if made["spec"]["nodeName"] == NODES[0]:
-            self.local[key] = interface(key)
+            self.local[interface(key)] = key
 
     def _delete_pod(self) -> None:
         if (obj := self._pod()) is not None:
             del self.objects[datastore_key(obj)]
-            self.local.pop(f"{obj['metadata']['namespace']}/{obj['metadata']['name']}", None)
+            self.local.pop(interface(f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"), None)
 
     def _relabel_pod(self) -> None:
         if (obj := self._pod()) is not None:
@@ -142,6 +149,29 @@ class ChangingCluster:
     def _move_pod(self) -> None:
         if (obj := self._pod()) is not None:
             self._put({**obj, "status": {**obj["status"], "podIP": str(self.rng.choice(MOVES))}})
+
+    def _declare_ports(self) -> None:
+        if (obj := self._pod()) is not None:
+            ports = self.rng.choice([SERVE_PORTS, SERVE_PORTS[2:], OTHER_NUMBERS, []])
+            containers = [{**obj["spec"]["containers"][0], "ports": ports}]
+            self._put({**obj, "spec": {**obj["spec"], "containers": containers}})
+
+    def _finish(self) -> None:
+        """A pod finishes (it keeps its address, but no policy selects it any more), or runs again."""
+        if (obj := self._pod()) is not None:
+            phase = "Running" if obj["status"]["phase"] == "Succeeded" else "Succeeded"
+            self._put({**obj, "status": {**obj["status"], "phase": phase}})
+
+    def _reschedule(self) -> None:
+        """A pod made again under the same name on another node: it attaches there, not here."""
+        if (obj := self._pod()) is not None:
+            moved = self.rng.choice([n for n in NODES if n != obj["spec"]["nodeName"]])
+            self._put({**obj, "spec": {**obj["spec"], "nodeName": moved}})
+            key = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+            if moved == NODES[0]:
+                self.local[interface(key)] = key
+            else:
+                self.local.pop(interface(key), None)
 
     def _policy(self) -> None:
         self._toggle(self.rng.choice(POLICIES))
@@ -167,16 +197,22 @@ class ChangingCluster:
     def _node(self) -> None:
         name = self.rng.choice(NODES[1:])
         key = datastore_key(node(name))
-        if key in self.objects:
+        if key in self.objects and self.rng.random() < 0.5:
             del self.objects[key]
-        else:
+        else:  # joins, or is relabelled
             self._put(node(name, zone=self.rng.choice(["zone-0", "zone-1"])))
 
     def _attach_early(self) -> None:
         """An endpoint whose pod object has not arrived: fail closed, no policy."""
         self._made += 1
         key = f"x/early{self._made}"
-        self.local[key] = interface(key)
+        self.local[interface(key)] = key
+
+    def _attach_second(self) -> None:
+        """A second interface of a pod of node-1: it gets the pod's policy as the first does."""
+        if self.local:
+            key = self.local[self.rng.choice(sorted(self.local))]
+            self.local[interface(key, "net1")] = key
 
     def _detach(self) -> None:
         if self.local:
@@ -190,7 +226,7 @@ class ChangingCluster:
             if datastore_key(node(name)) in self.objects
         }
         sources = set()
-        for key, name in self.local.items():
+        for name, key in self.local.items():
             obj = self.objects.get(POD_PREFIX + key)
             if obj is not None:
                 sources.add((name, ipaddress.IPv4Address(obj["status"]["podIP"])))

@@ -65,8 +65,9 @@ def node_ip(node: str) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(f"172.30.0.{11 + NODES.index(node)}")
 
 
-def interface(key: str) -> str:
-    return host_veth_name(Attachment(f"container-{key.replace('/', '-')}", "eth0"))
+def interface(key: str, ifname: str = "eth0") -> str:
+    """The host interface of pod `key`'s attachment `ifname` (`net1`: a second network's)."""
+    return host_veth_name(Attachment(f"container-{key.replace('/', '-')}", ifname))
 
 
 def match(**labels: str) -> dict[str, Any]:

@@ -127,3 +127,33 @@ def test_blocks_of_an_absent_node_go_back_after_the_grace_unless_its_pods_may_st
         assert (store.get(block.key) is None) == released
     finally:
         store.close()
+
+
+def test_a_dead_nodes_block_already_claimed_by_another_node_is_left_alone(tmp_path: Path) -> None:
+    """Another agent may have released the dead node's block, and a third node claimed it, before
+    this agent's view shows either: the block the store holds now is the new owner's, with its
+    pods, and must not go back to the pool."""
+    store = SqliteDatastore(tmp_path / "db")
+    config = AgentConfig(node="node-1", state_dir=tmp_path, dead_node_grace_s=60)
+    clock = Clock()
+    controller = NetworkController(
+        config,
+        store,
+        Ipam(store, "node-1", config.pools, config.block_prefixlen),
+        SocketPool(),
+        ("up0", ipaddress.IPv4Interface("172.31.0.11/24")),
+        1450,
+        clock=clock,
+    )
+    cidr = ipaddress.IPv4Network("10.244.0.64/26")
+    seen = Block(cidr, "node-2")  # what the view still holds: the dead node's
+    now = Block(cidr, "node-3").with_allocation(cidr[1], Allocation(Attachment("c", "eth0"), "x/a"))
+    store.create(now.key, now.to_json())
+    objects = {seen.key: seen.to_json()}
+    try:
+        for clock.now in (0.0, 61.0):
+            controller._release_dead_blocks(parse_cluster(objects), objects)
+        kv = store.get(now.key)
+        assert kv is not None and Block.from_json(kv.value) == now
+    finally:
+        store.close()

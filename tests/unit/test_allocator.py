@@ -224,3 +224,31 @@ def test_gc_keeps_the_agents_own_addresses(store: SqliteDatastore) -> None:
     pod = ipam.assign(Attachment("c1", "eth0"), "x/a")
     assert ipam.release_except([]) == [pod]
     assert ipam.attachments() == {Attachment("trellis:vtep", "trl.vxlan"): tunnel}
+
+
+def test_a_block_is_read_again_when_a_restored_store_reuses_its_revision(tmp_path: Path) -> None:
+    """Revisions repeat after a datastore is restored from a backup (etcd's snapshot restore):
+    a block at a revision the allocator saw before may hold something else. The allocator must
+    work from what the store holds, or its compare-and-swap, which the revision passes, would
+    write back a stale block and lose another writer's allocation."""
+    before = SqliteDatastore(tmp_path / "before.db")
+    restored = SqliteDatastore(tmp_path / "restored.db")
+    try:
+        ipam = Ipam(before, "n1", (SMALL_POOL,), 30)
+        ipam.assign(Attachment("c1", "eth0"), "ns/p1")
+        ipam.assign(Attachment("c2", "eth0"), "ns/p2")
+        assert ipam.lookup(Attachment("c2", "eth0")) is not None  # read at revision 2: c1, c2
+        other = Ipam(restored, "n1", (SMALL_POOL,), 30)
+        other.assign(Attachment("c1", "eth0"), "ns/p1")
+        other.assign(Attachment("c3", "eth0"), "ns/p3")  # revision 2 again: c1, c3
+        ipam.store = restored  # the agent's next request reaches the restored datastore
+
+        ipam.assign(Attachment("c4", "eth0"), "ns/p4")
+
+        held = {
+            alloc.attachment.container_id for b in blocks_of(restored) for alloc in b.allocations.values()
+        }
+        assert held == {"c1", "c3", "c4"}
+    finally:
+        before.close()
+        restored.close()

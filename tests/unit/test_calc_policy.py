@@ -29,6 +29,7 @@ from tests.unit.policy_cluster import (
     pod_ip,
 )
 from trellis.calc.policy import (
+    _MANY_PODS,
     NamedPortMatch,
     Outcome,
     PolicyCalculator,
@@ -48,7 +49,7 @@ Net = ipaddress.IPv4Network
 
 def state_of(*objects: Mapping[str, Any], node: str = "node-1", pods: tuple[str, ...] = PODS) -> PolicyState:
     inputs = inputs_of(*objects)
-    local = {key: interface(key) for key in pods if inputs.pods[key].node == node}
+    local = {interface(key): key for key in pods if inputs.pods[key].node == node}
     return compute_policy(inputs, node, local)
 
 
@@ -253,7 +254,7 @@ def test_unsupported_peers_fail_closed() -> None:
 
 def test_problems_name_the_endpoint() -> None:
     inputs = inputs_of()
-    state = compute_policy(inputs, "node-2", {"x/a": "trl00000000001", "x/gone": "trl00000000002"})
+    state = compute_policy(inputs, "node-2", {"trl00000000001": "x/a", "trl00000000002": "x/gone"})
     assert state.problems == (
         "pod x/a (trl00000000001) is attached on node-2 but its spec.nodeName is 'node-1'",
         "pod x/gone (trl00000000002): no pod object yet; its traffic is dropped",
@@ -264,9 +265,30 @@ def test_problems_name_the_endpoint() -> None:
 def test_a_workload_attached_without_kubernetes_is_open_even_under_default_deny() -> None:
     """No namespace, no labels: no policy can select it, so it is not isolated (nor dropped)."""
     inputs = inputs_of(network_policy("deny-all", "x", {}, ingress=[], types=["Ingress", "Egress"]))
-    state = compute_policy(inputs, "node-1", {"c0ffee123456": "trl00000000003"})
+    state = compute_policy(inputs, "node-1", {"trl00000000003": "c0ffee123456"})
     assert state.endpoints["trl00000000003"].ingress == () == state.endpoints["trl00000000003"].egress
     assert state.problems == ()
+
+
+def test_every_interface_of_a_pod_gets_the_pods_programs() -> None:
+    """A pod with two interfaces on the node (a second network, or a stale sandbox's until CNI
+    DEL): both carry the pod's programs, neither is dropped as having none; once the stale one
+    detaches, the live one keeps its very policy."""
+    isolating = network_policy(
+        "p", pod_selector=match(pod="a"), ingress=[{"from": [{"podSelector": match(pod="b")}]}]
+    )
+    inputs = inputs_of(isolating)
+    live, stale = interface("x/a"), interface("x/a", "net1")
+    calculator = PolicyCalculator()
+    both = calculator.compute(inputs, "node-1", {stale: "x/a", live: "x/a"})
+    assert both.problems == () and set(both.endpoints) == {live, stale}
+    assert both.endpoints[live] == both.endpoints[stale]
+    (tier,) = both.endpoints[live].ingress
+    assert (both.endpoints[live].pod, tier.kind, tier.policies) == ("x/a", TierKind.NETWORK_POLICY, ("x/p",))
+    assert both == compute_policy(inputs, "node-1", {live: "x/a", stale: "x/a"})
+    one = calculator.compute(inputs, "node-1", {live: "x/a"})
+    assert list(one.endpoints) == [live] and one.endpoints[live] is both.endpoints[live]
+    assert one.address_sets == both.address_sets
 
 
 def test_read_policy_inputs_skips_invalid_objects_and_says_why() -> None:
@@ -360,7 +382,7 @@ def test_object_order_does_not_matter() -> None:
         pod("x/a", ports=[*SERVE_PORTS, {"name": "web", "containerPort": 8080}]),
     ]
     items = list({datastore_key(o): o for o in objects}.items())
-    local = [(key, interface(key)) for key in ("x/a", "y/a", "z/a")]
+    local = [(interface(key), key) for key in ("x/a", "y/a", "z/a")]
     states, tables = [], set()
     for seed in range(4):
         random.Random(seed).shuffle(items)
@@ -387,6 +409,24 @@ def test_a_calculator_with_memory_computes_what_a_new_one_does(seed: int) -> Non
         assert again is inputs and calculator.compute(again, "node-1", dict(cluster.local)) is state
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_bursts_of_changes_are_computed_as_afresh(seed: int) -> None:
+    """Hundreds of changes between two computations (a burst, a new snapshot): the calculator
+    checks each changed pod against each set when a few pods changed, and makes every pod set
+    again when more than `_MANY_PODS` did; both give what a new calculator gives."""
+    cluster, reader, calculator = ChangingCluster(random.Random(seed)), PolicyReader(), PolicyCalculator()
+    last, changed = PolicyInputs(), []
+    for burst in range(5):
+        for _ in range(250):
+            cluster.change()
+        inputs, _ = reader.read(cluster.objects)
+        changed.append(sum(last.pods.get(k) != inputs.pods.get(k) for k in last.pods.keys() | inputs.pods))
+        state = calculator.compute(inputs, "node-1", cluster.local)
+        assert state == compute_policy(inputs, "node-1", cluster.local), f"burst {burst}"
+        last = inputs
+    assert min(changed[1:]) <= _MANY_PODS < max(changed), changed
+
+
 def test_reading_again_parses_only_what_changed() -> None:
     """Objects policy does not read differently (a pod's annotations) change nothing at all; a
     changed pod is a new object beside the very same others."""
@@ -408,14 +448,14 @@ def test_an_unchanged_endpoint_keeps_its_very_policy() -> None:
     """A pod ADD elsewhere in the namespace: the other endpoints' policies are the same objects."""
     objects = [*base_objects(), network_policy("p", ingress=[{"from": [{"podSelector": match(pod="b")}]}])]
     store = {datastore_key(obj): obj for obj in objects}
-    local = {key: interface(key) for key in ("x/a", "y/a", "z/a")}
+    local = {interface(key): key for key in ("x/a", "y/a", "z/a")}
     reader, calculator = PolicyReader(), PolicyCalculator()
     before = calculator.compute(reader.read(store)[0], "node-1", local)
     added = pod("x/new", labels={"pod": "b"}, ip="10.244.1.13")
     after = calculator.compute(
         reader.read({**store, datastore_key(added): added})[0],
         "node-1",
-        {**local, "x/new": interface("x/new")},
+        {**local, interface("x/new"): "x/new"},
     )
     assert all(after.endpoints[name] is policy for name, policy in before.endpoints.items())
     (peers,) = after.address_sets.values()

@@ -23,6 +23,7 @@ import builtins
 import copy
 import ipaddress
 import json
+import math
 import threading
 import time
 from collections import defaultdict
@@ -813,3 +814,126 @@ def test_the_crds_hold_every_field_trellis_writes_and_reads() -> None:
         jsonschema.validate(spec, schemas[kind])
     with pytest.raises(jsonschema.ValidationError, match="'vtepIPv6' was unexpected"):
         jsonschema.validate({**WORKER, "vtepIPv6": "fd00::1"}, schemas["TrellisNode"])
+
+
+# -- failures that must end a watch, and watches that must end -----------------------------
+
+
+def watch_threads() -> int:
+    return len([t for t in threading.enumerate() if t.name.startswith("watch ")])
+
+
+def test_a_replaced_or_closed_follower_ends_its_watches_at_once(server: FakeApiServer) -> None:
+    """A follower replaced (the syncer listed again) or closed shuts its streams down then, not
+    when the server next speaks: each holds one of the client's pooled connections, and streams
+    left open by followers replaced every back-off would soon starve every other request."""
+    store = KubernetesDatastore(
+        str(KUBECONFIG), transport=server.transport, watch_timeout_s=3600, sweep_interval_s=math.inf
+    )
+    try:
+        at = store.snapshot("/trellis/").revision
+        assert store.watch("/trellis/", at, 0.1) == []
+        assert watch_threads() == len(RESOURCES)
+        store.watch("/trellis/", at - 1, 0.1)  # another starting point: a new follower
+        wait_until(lambda: watch_threads() == len(RESOURCES), WAIT_S, "the replaced watches to end")
+    finally:
+        store.close()
+    wait_until(no_watch_threads, WAIT_S, "the closed store's watches to end")
+
+
+class _UnreadableBody(httpx2.SyncByteStream):
+    def __iter__(self) -> Iterator[bytes]:
+        raise httpx2.ReadError("connection reset by peer")
+
+
+def test_a_watch_failure_whose_answer_cannot_be_read_is_unavailable() -> None:
+    """A 503 whose body breaks off ends the watch with Unavailable, as any unreachable server:
+    its thread must not die with the error and leave the follower silent (watch returning [])."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        assert request.url.params.get("watch") == "true", request.url
+        return httpx2.Response(503, stream=_UnreadableBody())
+
+    store = KubernetesDatastore(
+        str(KUBECONFIG), transport=httpx2.MockTransport(answer), sweep_interval_s=math.inf
+    )
+    try:
+        deadline = time.monotonic() + WAIT_S
+        with pytest.raises(Unavailable, match=r"watch apis/trellis\.dev/v1/ipamblocks: ReadError"):
+            while time.monotonic() < deadline:
+                store.watch(BLOCK_PREFIX, 48000, 1.0)
+    finally:
+        store.close()
+    wait_until(no_watch_threads, WAIT_S, "the watch threads to end")
+
+
+def test_credentials_that_fail_at_a_request_are_a_datastore_error(tmp_path: Path) -> None:
+    """An exec credential plugin (or a service account token file) is run at each request; its
+    failure is a DatastoreError naming the server and the request, not lightkube's ConfigError."""
+    config = yaml.safe_load(KUBECONFIG.read_text())
+    plugin = {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": "false"}
+    config["users"][0]["user"] = {"exec": plugin}
+    kubeconfig = tmp_path / "kubeconfig.yaml"
+    kubeconfig.write_text(yaml.safe_dump(config))
+
+    def unreached(request: httpx2.Request) -> httpx2.Response:
+        raise AssertionError(f"sent without credentials: {request.url}")
+
+    store = KubernetesDatastore(
+        str(kubeconfig), transport=httpx2.MockTransport(unreached), sweep_interval_s=math.inf
+    )
+    try:
+        with pytest.raises(
+            DatastoreError,
+            match=rf"trl-apiserver\.test:6443: GET {BLOCK_PATH}: credentials: Exec false returned 1",
+        ):
+            store.get(BLOCK)
+    finally:
+        store.close()
+
+
+def test_a_labelled_lease_of_another_shape_stops_no_expiry(server: FakeApiServer, clock: FakeClock) -> None:
+    """A Lease that carries the label but no TTL (not one Trellis made) is skipped: it neither
+    escapes from the operation that swept nor keeps the other leases from expiring."""
+    agent, other = fake_store(server), fake_store(server, clock)
+    try:
+        server.apply(
+            {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": "trl-foreign", "namespace": NAMESPACE, "labels": {LEASE_LABEL: "7"}},
+                "spec": {"holderIdentity": "someone"},
+            }
+        )
+        lease = agent.grant_lease(10)
+        agent.put(REGISTRATION, WORKER, lease=lease)
+        assert other.get(REGISTRATION) is not None
+        clock.advance(11)
+        assert other.get(REGISTRATION) is None
+    finally:
+        agent.close()
+        other.close()
+
+
+def test_a_failure_answered_as_a_page_is_one_line() -> None:
+    """A proxy in front of the API server answers 502 with an HTML page: Unavailable, in one line."""
+    page = (
+        "<html>\n<head><title>502 Bad Gateway</title></head>\n"
+        "<body>\n<h1>Bad Gateway</h1>\n</body>\n</html>\n"
+    )
+
+    def answer(_request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(502, headers={"Content-Type": "text/html"}, text=page)
+
+    store = KubernetesDatastore(
+        str(KUBECONFIG), transport=httpx2.MockTransport(answer), sweep_interval_s=math.inf
+    )
+    try:
+        with pytest.raises(Unavailable) as failed:
+            store.get(BLOCK)
+    finally:
+        store.close()
+    assert "\n" not in str(failed.value)
+    assert f"GET {BLOCK_PATH}: 502 Bad Gateway: <html> <head><title>502 Bad Gateway</title>" in str(
+        failed.value
+    )

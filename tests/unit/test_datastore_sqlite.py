@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trellis.datastore.base import AlreadyExists, Compacted, EventKind, LeaseExpired
+from trellis.datastore.base import AlreadyExists, Compacted, DatastoreError, EventKind, LeaseExpired
 from trellis.datastore.sqlite import SqliteDatastore
 
 
@@ -104,5 +104,24 @@ def test_a_refused_write_changes_nothing(path: Path) -> None:
             store.put("/f/b", {}, lease=12345)
         assert store.snapshot("/f/").revision == rev
         assert [e.mod_revision for e in store.watch("/f/", rev - 1, 0)] == [rev]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("raw", ["notjson", "[1, 2]"])
+def test_a_value_written_by_hand_that_is_no_json_object_is_an_error_naming_its_key(
+    path: Path, raw: str
+) -> None:
+    """Readers (the agent's syncer) get a DatastoreError they report and retry on, not a
+    ValueError that would end their thread."""
+    store = SqliteDatastore(path)
+    try:
+        store.put("/trellis/x", {"a": 1})
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE kv SET value = ? WHERE key = ?", (raw, "/trellis/x"))
+        with pytest.raises(DatastoreError, match=r"^key /trellis/x: value is "):
+            store.get("/trellis/x")
+        with pytest.raises(DatastoreError, match=r"^key /trellis/x: value is "):
+            store.snapshot("/trellis/")
     finally:
         store.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import sqlite3
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import cni_env, net_conf
+from tests.helpers import cni_env, net_conf, wait_until
 from tests.unit.test_cni_service import Agent
 from trellis.agent.config import AgentConfig
 from trellis.agent.http import NOT_FOLLOWING, AgentHttpServer, Health, serving
@@ -29,7 +30,7 @@ from trellis.datastore.base import KV, Event, EventKind
 from trellis.datastore.sqlite import SqliteDatastore
 from trellis.ipam.allocator import Ipam
 from trellis.model.ipam import Allocation, Attachment, Block
-from trellis.model.node import STATUS_FILE
+from trellis.model.node import STATUS_FILE, Node
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -336,3 +337,105 @@ def test_http_address_is_host_and_port(text: str, endpoint: tuple[str, int] | No
 def test_a_malformed_http_address_is_refused_at_configuration(text: str) -> None:
     with pytest.raises(ValueError, match="is not HOST:PORT"):
         AgentConfig(node="n", http_address=text)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_value_written_past_the_api_makes_the_agent_not_ready_naming_its_key(
+    controller: tuple[NetworkController, Clock], tmp_path: Path
+) -> None:
+    """A value the store cannot decode (written by hand, as `etcdctl put` can) is a datastore
+    error the syncer retries on: the agent stays live, and is not ready, saying which key."""
+    network, _ = controller
+    publish(network, 3, {BLOCK.key: BLOCK.to_json()})
+    assert network.liveness() is None and network.readiness() is None
+    with sqlite3.connect(tmp_path / "trellis.db") as db:
+        db.execute("INSERT INTO kv VALUES ('/trellis/x', 'not JSON', 9, 0)")
+    network.syncer.start()
+    try:
+        wait_until(lambda: network.readiness() is not None, 30, "the agent to be not ready")
+        assert network.liveness() is None
+        assert (network.readiness() or "").startswith(
+            "datastore not in sync: key /trellis/x: value is not JSON"
+        )
+    finally:
+        network.syncer.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the bug, on purpose
+def test_a_syncer_that_died_makes_the_agent_neither_live_nor_ready(
+    controller: tuple[NetworkController, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that ends the syncer's thread leaves the agent following nothing: its probes must
+    say so, so that the kubelet restarts it."""
+    network, _ = controller
+    publish(network, 3, {BLOCK.key: BLOCK.to_json()})
+
+    def broken(items: list[KV], revision: int) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(network.view, "on_snapshot", broken)
+    network.syncer.start()
+    try:
+        wait_until(lambda: network.liveness() is not None, 30, "the syncer's end to show")
+        assert network.liveness() == "thread syncer /trellis/ ended"
+        assert network.readiness() == "thread syncer /trellis/ ended"
+    finally:
+        network.syncer.stop()
+
+
+def test_a_node_without_an_address_for_its_tunnel_retries_and_is_not_ready(tmp_path: Path) -> None:
+    """With every address of the pool taken, the VTEP gets none: the reconciler must keep
+    trying (addresses come back as pods go) and say why the node is not ready, not end."""
+    pool = ipaddress.IPv4Network("10.244.0.0/30")
+    config = AgentConfig(node="node-1", state_dir=tmp_path, pools=(pool,), block_prefixlen=30)
+    with unstarted_controller(config, Clock()) as network:
+        other = Ipam(network.store, "node-2", (pool,), 30)
+        for i in range(pool.num_addresses):
+            other.assign(Attachment(f"c{i}", "eth0"), f"default/p{i}")
+        network.start()
+        try:
+            errors = ("trellis_reconcile_errors_total", frozenset({("cause", "addresses")}))
+            wait_until(
+                lambda: errors in scrape(network.metrics) or bool(network.liveness()), 30, "a failed pass"
+            )
+            assert network.liveness() is None
+            assert (network.readiness() or "").startswith(
+                "no address for this node: pod node node-1 tunnel: "
+            )
+        finally:
+            network.stop()
+
+
+def test_an_unexpected_error_in_a_pass_is_retried_and_makes_the_node_not_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A malformed object or a bug in one pass must not end the reconciler: the node keeps its
+    kernel state, says why it is not ready, and the next pass tries again."""
+    config = AgentConfig(node="node-1", state_dir=tmp_path, backend="host-gw")
+    with unstarted_controller(config, Clock()) as network:
+        passes: list[int] = []
+
+        def register() -> None:  # the real one touches this namespace's kernel
+            network._node = Node("node-1", ipaddress.IPv4Interface("172.31.0.11/24"), "", None)
+
+        def reconcile() -> None:
+            passes.append(1)
+            raise ValueError("block /trellis/ipam/blocks/x: 'cidr' missing")
+
+        monkeypatch.setattr(network, "_register", register)
+        monkeypatch.setattr(network, "_keepalive", lambda: None)
+        monkeypatch.setattr(network, "reconcile", reconcile)
+        network.view.on_snapshot([], 1)
+        network.start()
+        try:
+            errors = ("trellis_reconcile_errors_total", frozenset({("cause", "internal")}))
+            wait_until(lambda: errors in scrape(network.metrics), 30, "a failed pass")
+            network.view.changed.set()
+            wait_until(lambda: len(passes) >= 2, 30, "a second pass")
+            assert network.liveness() is None
+            assert (
+                network.readiness()
+                == "internal error: ValueError: block /trellis/ipam/blocks/x: 'cidr' missing"
+            )
+        finally:
+            network.stop()

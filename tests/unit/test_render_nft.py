@@ -62,7 +62,7 @@ def assert_golden(name: str, commands: list[dict[str, Any]]) -> None:
 
 def policy_table(*objects: dict[str, Any]) -> list[dict[str, Any]]:
     """node-1's table for the x/y/z cluster with `objects`."""
-    state = compute_policy(inputs_of(*objects), "node-1", {key: interface(key) for key in LOCAL})
+    state = compute_policy(inputs_of(*objects), "node-1", {interface(key): key for key in LOCAL})
     assert state.problems == ()
     return render_table(NAT, state)
 
@@ -211,6 +211,25 @@ def test_every_filter_rule_counts_and_says_where_it_comes_from() -> None:
     assert any(r["comment"].startswith(f"admin {long_name[:50]}") for r in rules)
 
 
+def test_comments_fit_in_their_bytes_whatever_the_rule_is_named() -> None:
+    """A rule name is 100 characters of anything: its comment is clipped to COMMENT_MAX bytes,
+    not characters, on a character boundary (libnftables aborts the agent on a comment of
+    much more than that)."""
+    name = "\u9632\u706b" * 50  # 100 characters, 300 bytes
+    commands = policy_table(
+        cluster_policy(
+            "wall",
+            "Admin",
+            1,
+            {"namespaces": {}},
+            ingress=[{"name": name, "action": "Deny", "from": [{"namespaces": {}}]}],
+        )
+    )
+    comments = [r["comment"] for r in _filter_rules(commands)]
+    assert all(0 < len(c.encode()) <= COMMENT_MAX for c in comments)
+    assert any(c.startswith(f"admin wall ingress[0] {name[:30]}") for c in comments)
+
+
 def test_unrestricted_pods_are_known_but_in_no_map() -> None:
     commands = policy_table(network_policy("deny", ingress=[]))
     added = [c["add"] for c in commands if "add" in c]
@@ -234,6 +253,16 @@ def test_empty_sets_render_without_elements() -> None:
     sets = [c["add"]["set"] for c in commands if "set" in c.get("add", {})]
     assert [s["name"] for s in sets] == ["pod_nets", "cluster_nets", "pod_ifnames", "pod_sources"]
     assert all("elem" not in s for s in sets if s["name"] != "pod_ifnames")
+
+
+def test_address_sets_hold_no_overlapping_intervals() -> None:
+    """A node address inside a pool, or a pool inside another, is one interval: nftables
+    refuses a set whose intervals overlap, and with it the whole table."""
+    pools = frozenset({Net("10.0.0.0/8"), Net("10.244.0.0/16")})
+    nodes = frozenset({Net("10.1.2.3/32"), Net("192.168.1.2/32")})
+    table = TableRenderer().render(NatState(pools, pools | nodes))
+    assert table.sets["pod_nets"].elements == (Net("10.0.0.0/8"),)
+    assert table.sets["cluster_nets"].elements == (Net("10.0.0.0/8"), Net("192.168.1.2/32"))
 
 
 def test_anti_spoofing_allows_each_pod_interface_its_own_address_only() -> None:
@@ -305,13 +334,13 @@ def _pod_add() -> tuple[NftTable, NftTable, str]:
         "p", pod_selector=match(pod="a"), ingress=[{"from": [{"podSelector": match(pod="b")}]}]
     )
     store = {datastore_key(obj): obj for obj in (*base_objects(), policy)}
-    local = {key: interface(key) for key in LOCAL}
+    local = {interface(key): key for key in LOCAL}
     reader, calculator, renderer = PolicyReader(), PolicyCalculator(), TableRenderer()
     nat = NatState(NAT.pod_nets, NAT.cluster_nets, frozenset({(interface("x/a"), pod_ip("x/a"))}))
     before = renderer.render(nat, calculator.compute(reader.read(store)[0], "node-1", local))
     added = pod("x/new", labels={"pod": "b"}, ip="10.244.1.13")
     store[datastore_key(added)] = added
-    local["x/new"] = interface("x/new")
+    local[interface("x/new")] = "x/new"
     nat = NatState(
         nat.pod_nets, nat.cluster_nets, nat.pod_sources | {(interface("x/new"), pod_ip("x/a") + 3)}
     )
@@ -330,6 +359,19 @@ def test_a_pod_add_changes_elements_and_nothing_else() -> None:
         {"add": {"element": {**TABLE, "name": "endpoints", "elem": [new]}}},
         {"add": {"element": {**TABLE, "name": peers, "elem": ["10.244.1.13"]}}},
     ]
+
+
+def test_turning_policy_off_deletes_the_maps_before_the_chains_they_jump_to() -> None:
+    """The kernel refuses to delete a chain a verdict map's element still jumps to: the removed
+    chains are emptied first, then the maps and sets go, then the chains."""
+    before, _, _ = _pod_add()
+    commands = update_commands(before, TableRenderer().render(NAT))
+    assert commands is not None
+    deleted = [next(iter(c["delete"])) for c in commands if "delete" in c and "element" not in c["delete"]]
+    assert {"map", "chain"} <= set(deleted)
+    assert deleted.index("chain") > max(i for i, kind in enumerate(deleted) if kind in ("map", "set"))
+    flushed = max(i for i, c in enumerate(commands) if "flush" in c)
+    assert flushed < min(i for i, c in enumerate(commands) if "delete" in c and "element" not in c["delete"])
 
 
 def test_a_changed_declaration_needs_a_replace() -> None:

@@ -32,6 +32,10 @@ POLL_S = 0.1
 """How often the server checks for shutdown (seconds): the most it delays the agent's exit."""
 
 
+class EndpointError(RuntimeError):
+    """The endpoint cannot serve: its address is taken, or not this machine's."""
+
+
 class Health(Protocol):
     def liveness(self) -> str | None:
         """Why the agent should be restarted (one line), None while it works."""
@@ -81,7 +85,7 @@ class AgentHttpServer(ThreadingHTTPServer):
         try:
             super().__init__(address, _Request)
         except OSError as err:
-            raise RuntimeError(f"HTTP endpoint {address[0]}:{address[1]}: {err.strerror}") from err
+            raise EndpointError(f"HTTP endpoint {address[0]}:{address[1]}: {err.strerror}") from err
 
     def check(self, path: str) -> str | None:
         """The verdict of `/healthz` or `/readyz`."""

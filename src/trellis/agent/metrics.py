@@ -77,8 +77,8 @@ class AgentMetrics:
         )
         self.reconcile_errors = Counter(
             f"{PREFIX}_reconcile_errors",
-            "Reconcile passes that failed, by cause: datastore or dataplane (retried on the next "
-            "change or resync).",
+            "Reconcile passes that failed, by cause: datastore, dataplane or addresses (none "
+            "left for the node's tunnel) (retried on the next change or resync).",
             ["cause"],
             registry=registry,
         )

@@ -43,7 +43,7 @@ from trellis.dataplane.kernel.overlay import Overlay, VxlanSpec
 from trellis.dataplane.render.nft import NatState, TableRenderer
 from trellis.datastore.base import KV, Conflict, Datastore, DatastoreError, Event, EventKind, LeaseExpired
 from trellis.datastore.syncer import Syncer
-from trellis.ipam.allocator import Ipam, block_usage
+from trellis.ipam.allocator import AddressesExhausted, Ipam, block_usage
 from trellis.model.ipam import BLOCK_PREFIX, INTERNAL_PREFIX, Attachment, Block, block_key
 from trellis.model.k8s import CLUSTER_NETWORK_POLICY_PREFIX, NETWORK_POLICY_PREFIX
 from trellis.model.k8s import NODE_PREFIX as K8S_NODE_PREFIX
@@ -234,6 +234,12 @@ class NetworkController:
             except (KernelError, NftError, BirdError, OSError) as err:
                 log.error("programming the kernel failed (retried on the next change or resync): %s", err)
                 self._failed("dataplane", f"programming the kernel failed: {err}")
+            except AddressesExhausted as err:  # for the VTEP: retried, pods' addresses come back
+                log.error("no address for this node (retried on the next change or resync): %s", err)
+                self._failed("addresses", f"no address for this node: {err}")
+            except Exception as err:  # a bug, or an object no parser expected: not a reason to stop
+                log.exception("reconcile failed (retried on the next change or resync)")
+                self._failed("internal", f"internal error: {type(err).__name__}: {err}")
             if self.view.changed.wait(timeout=self.period_s):
                 # Let a burst (a pod ADD writes its block, then its Pod object) land first, and
                 # keep this pass off the CPU while the CNI request that caused it finishes.
@@ -342,7 +348,7 @@ class NetworkController:
     def _policy(self, objects: dict[str, dict[str, Any]], local: list[LocalEndpoint]) -> PolicyState:
         with self.metrics.timing("policy"):
             inputs, errors = self._reader.read(objects)
-            state = self._calculator.compute(inputs, self.config.node, {e.pod: e.interface for e in local})
+            state = self._calculator.compute(inputs, self.config.node, {e.interface: e.pod for e in local})
         self._report_problems("policy objects", errors)
         self._report_problems("endpoints", state.problems)
         return state
@@ -437,13 +443,18 @@ class NetworkController:
         self._failure = reason
 
     def liveness(self) -> str | None:
-        """Why the agent should be restarted (its reconciler thread died), None while it runs."""
-        dead = [thread.name for thread in self._threads if not thread.is_alive()]
+        """Why the agent should be restarted (its reconciler's or syncer's thread died: the
+        kernel no longer follows the datastore), None while they run."""
+        threads = [*self._threads, *([self.syncer.thread] if self.syncer.thread else [])]
+        dead = [thread.name for thread in threads if not thread.is_alive()]
         return f"thread {', '.join(dead)} ended" if dead else None
 
     def readiness(self) -> str | None:
         """Why the node is not ready, None when it is: the datastore is in sync and the kernel
-        programmed to its last change (or a pass completed less than READY_LAG_S ago)."""
+        programmed to its last change (or a pass completed less than READY_LAG_S ago), and the
+        threads that keep it so run."""
+        if (dead := self.liveness()) is not None:
+            return dead
         if not self.view.synced.is_set():
             return f"datastore not in sync: {self.view.sync_problem}"
         if self._failure is not None:
@@ -470,7 +481,10 @@ class NetworkController:
                 kv = self.store.get(block_key(cidr))
                 if kv is None:
                     continue
-                if listed and not Block.from_json(kv.value).workload_free:
+                block = Block.from_json(kv.value)
+                if block.node != name:
+                    continue  # released by another agent and claimed since: the view lags
+                if listed and not block.workload_free:
                     continue  # its pods may still run: wait for the Node object's deletion
                 try:
                     self.store.delete(kv.key, kv.mod_revision)

@@ -1,7 +1,9 @@
 """What each local pod may send and receive: per-endpoint policy programs for one node (pure).
 
 Input: the cluster's namespaces, pods, nodes, NetworkPolicies and ClusterNetworkPolicies, and the
-pods attached on this node (pod key -> host interface, from the agent's IPAM). Output: a frozen
+interfaces attached on this node (host interface -> pod key, from the agent's IPAM; one pod may
+have several: a second network, or a stale sandbox's until CNI DEL, each gets the pod's
+programs). Output: a frozen
 `PolicyState`, the one description both the nftables renderer and the oracle read, so what the
 oracle answers is what the kernel is told.
 
@@ -702,9 +704,10 @@ class PolicyCalculator:
         """(node, local endpoints, state) of the last call."""
 
     def compute(self, inputs: PolicyInputs, node: str, local_endpoints: Mapping[str, str]) -> PolicyState:
-        """The policy of every pod attached on `node`, given as pod key -> host interface name.
+        """The policy of every interface attached on `node`, given as host interface name -> pod key.
 
-        A key without a namespace (`ns/name`) is a workload attached without Kubernetes: open.
+        Every interface of a pod gets the pod's programs. A pod key without a namespace (`ns/name`)
+        is a workload attached without Kubernetes: open.
         """
         if self._last is not None and inputs is self._inputs and self._last[:2] == (node, local_endpoints):
             return self._last[2]
@@ -715,7 +718,7 @@ class PolicyCalculator:
             self._inputs = inputs
         endpoints: dict[str, EndpointPolicy] = {}
         problems: list[str] = []
-        for key, interface in sorted(local_endpoints.items()):
+        for interface, key in sorted(local_endpoints.items()):
             if "/" not in key:
                 # A workload its runtime attached without Kubernetes arguments (podman, say): it has
                 # no namespace and no labels, so no policy can select it, and it is not isolated.
@@ -749,8 +752,9 @@ class PolicyCalculator:
 
 
 def compute_policy(inputs: PolicyInputs, node: str, local_endpoints: Mapping[str, str]) -> PolicyState:
-    """The policy of every pod attached on `node`, given as pod key -> host interface name.
+    """The policy of every interface attached on `node`, given as host interface name -> pod key.
 
-    A key without a namespace (`ns/name`) is a workload attached without Kubernetes: open.
+    Every interface of a pod gets the pod's programs. A pod key without a namespace (`ns/name`)
+    is a workload attached without Kubernetes: open.
     """
     return PolicyCalculator().compute(inputs, node, local_endpoints)

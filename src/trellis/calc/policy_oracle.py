@@ -132,7 +132,7 @@ class PolicyOracle:
         """What node `node` is given to render: the same call the agent makes."""
         if node not in self._states:
             local = {
-                key: interface
+                interface: key
                 for key, interface in self.endpoints.items()
                 if key in self.inputs.pods and self.inputs.pods[key].node == node
             }

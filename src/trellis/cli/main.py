@@ -21,9 +21,27 @@ from trellis.cni.install import install
 
 
 def _agent(args: argparse.Namespace) -> int:
+    """Run the agent; a malformed argument exits 2, a datastore or HTTP endpoint it cannot
+    use 1, each with one line naming it."""
+    from trellis.agent.http import EndpointError
     from trellis.agent.main import run_agent
+    from trellis.datastore.base import DatastoreError
 
-    config = AgentConfig(
+    try:
+        config = _agent_config(args)
+    except ValueError as err:
+        print(f"trellis agent: {err}", file=sys.stderr)
+        return 2
+    try:
+        run_agent(config)
+    except (DatastoreError, EndpointError) as err:
+        print(f"trellis agent: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _agent_config(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(
         node=args.node,
         socket=args.socket,
         state_dir=args.state_dir,
@@ -39,8 +57,6 @@ def _agent(args: argparse.Namespace) -> int:
         policy=args.policy == "on",
         http_address=args.http_address,
     )
-    run_agent(config)
-    return 0
 
 
 def _install_cni(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ produce several events (a lease that expires deletes all its keys at one revisio
 from __future__ import annotations
 
 import builtins
+import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -52,6 +53,18 @@ class Compacted(DatastoreError):
 
 class LeaseExpired(DatastoreError):
     """The lease is gone (expired or revoked); the keys it held are deleted."""
+
+
+def decode_value(key: str, raw: str | bytes) -> dict[str, Any]:
+    """A stored value as the object it holds; a DatastoreError naming the key when it is not
+    a JSON object (someone wrote it by hand), so a reader reports it instead of dying on it."""
+    try:
+        value = json.loads(raw)
+    except ValueError as err:
+        raise DatastoreError(f"key {key}: value is not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise DatastoreError(f"key {key}: value is a JSON {type(value).__name__}, not an object")
+    return value
 
 
 class EventKind(Enum):

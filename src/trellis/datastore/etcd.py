@@ -52,6 +52,7 @@ from trellis.datastore.base import (
     LeaseExpired,
     Snapshot,
     Unavailable,
+    decode_value,
 )
 
 _GRPC_NOT_FOUND = 5
@@ -244,7 +245,8 @@ class EtcdDatastore:
         return _unb64(key)[len(self.prefix) :].decode()
 
     def _kv(self, raw: dict[str, Any]) -> KV:
-        return KV(self._unkey(raw["key"]), json.loads(_unb64(raw["value"])), int(raw["mod_revision"]))
+        key = self._unkey(raw["key"])
+        return KV(key, decode_value(key, _unb64(raw["value"])), int(raw["mod_revision"]))
 
     def _put_request(self, key: str, value: dict[str, Any], lease: int) -> dict[str, Any]:
         return {
@@ -324,7 +326,8 @@ class EtcdDatastore:
         revision = int(kv["mod_revision"])
         if raw.get("type") == "DELETE":
             return Event(EventKind.DELETE, self._unkey(kv["key"]), None, revision)
-        return Event(EventKind.PUT, self._unkey(kv["key"]), json.loads(_unb64(kv["value"])), revision)
+        key = self._unkey(kv["key"])
+        return Event(EventKind.PUT, key, decode_value(key, _unb64(kv["value"])), revision)
 
     def create(self, key: str, value: dict[str, Any], lease: int = 0) -> int:
         absent = {"key": self._key(key), "target": "CREATE", "result": "EQUAL", "create_revision": 0}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -65,12 +66,13 @@ class Status:
 
 def _status(response: httpx2.Response) -> Status:
     """The Status a failed response carries; one made from the HTTP answer when it has none
-    (an unserved API group answers `404 page not found` in plain text)."""
+    (an unserved API group answers `404 page not found` in plain text; a proxy, an HTML page:
+    its text on one line)."""
     with contextlib.suppress(ValueError):
         body = json.loads(response.read())
         if isinstance(body, dict) and body.get("kind") == "Status":
             return Status.from_json(body)
-    return Status(response.status_code, response.reason_phrase, response.text.strip()[:200])
+    return Status(response.status_code, response.reason_phrase, " ".join(response.text.split())[:200])
 
 
 def delete_options(resource_version: int) -> dict[str, Any]:
@@ -80,6 +82,27 @@ def delete_options(resource_version: int) -> dict[str, Any]:
         "kind": "DeleteOptions",
         "preconditions": {"resourceVersion": str(resource_version)},
     }
+
+
+class WatchStream:
+    """One open watch: its events as the server sends them, and a way to end it from another thread."""
+
+    def __init__(self, response: httpx2.Response, events: Iterator[dict[str, Any]]) -> None:
+        self._response = response
+        self._events = events
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._events
+
+    def abort(self) -> None:
+        """Shut the connection down, so that a thread waiting on the stream sees it end now
+        (closing the socket would not wake it). Only while the stream is open: a connection
+        closed by its reader may already serve another request."""
+        network = self._response.extensions.get("network_stream")
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class ApiClient:
@@ -128,6 +151,10 @@ class ApiClient:
             return response
         except httpx2.TransportError as err:
             raise Unavailable(f"kubernetes API {self.server}: {method} {path}: {err!r}") from err
+        except (ConfigError, OSError) as err:  # credentials fetched per request: a token file, an exec plugin
+            raise DatastoreError(
+                f"kubernetes API {self.server}: {method} {path}: credentials: {err}"
+            ) from err
 
     def call(
         self,
@@ -144,7 +171,7 @@ class ApiClient:
         return answer
 
     @contextlib.contextmanager
-    def watch(self, path: str, params: dict[str, str], read_s: float) -> Iterator[Iterator[dict[str, Any]]]:
+    def watch(self, path: str, params: dict[str, str], read_s: float) -> Iterator[WatchStream]:
         """A watch of `path`: its events, one JSON object a line, until the server ends it.
 
         A read waits up to `read_s` seconds: longer than the server keeps a quiet watch open, so
@@ -152,8 +179,11 @@ class ApiClient:
         params = {**params, "watch": "true"}
         response = self._send("GET", path, params, None, stream_read_s=read_s)
         try:
-            self._check(response, f"watch {path}")
-            yield (json.loads(line) for line in self._lines(response, path) if line)
+            try:
+                self._check(response, f"watch {path}")
+            except httpx2.TransportError as err:  # reading the body of a failure
+                raise Unavailable(f"kubernetes API {self.server}: watch {path}: {err!r}") from err
+            yield WatchStream(response, (json.loads(line) for line in self._lines(response, path) if line))
         finally:
             response.close()
 

@@ -186,7 +186,8 @@ class Leases:
         seen: dict[int, tuple[str, float]] = {}
         for obj in listing["items"]:
             label = obj["metadata"]["labels"][LEASE_LABEL]
-            if not label.isdigit():
+            ttl_s = (obj.get("spec") or {}).get("leaseDurationSeconds")
+            if not label.isdigit() or not isinstance(ttl_s, int):
                 continue  # not one of ours, whatever its label says
             lease = int(label)
             if _marked(obj):
@@ -196,7 +197,7 @@ class Leases:
             first = self._seen.get(lease)
             if first is None or first[0] != version:
                 seen[lease] = (version, now)
-            elif now - first[1] < obj["spec"]["leaseDurationSeconds"]:
+            elif now - first[1] < ttl_s:
                 seen[lease] = first
             else:
                 self._expire(lease, obj)

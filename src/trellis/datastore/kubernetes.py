@@ -235,7 +235,7 @@ class KubernetesDatastore:
         self.leases.revoke(lease)
 
     def close(self) -> None:
-        """Stop every watch and release connections (watch threads end as their streams do)."""
+        """Stop every watch (its streams shut down, its threads end) and release connections."""
         with self._lock:
             for follower in self._followers.values():
                 follower.stop()

@@ -39,6 +39,7 @@ from trellis.datastore.base import (
     LeaseExpired,
     Snapshot,
     Unavailable,
+    decode_value,
 )
 
 _SCHEMA = (
@@ -214,7 +215,7 @@ class SqliteDatastore:
 
     def _row(self, key: str) -> KV | None:
         row = self._db.execute("SELECT value, mod_revision FROM kv WHERE key = ?", (key,)).fetchone()
-        return None if row is None else KV(key, json.loads(row[0]), int(row[1]))
+        return None if row is None else KV(key, decode_value(key, row[0]), int(row[1]))
 
     def _current(self, key: str, mod_revision: int) -> None:
         """Raise Conflict unless `key` exists at `mod_revision`."""
@@ -241,7 +242,7 @@ class SqliteDatastore:
             (after_revision, len(prefix), prefix),
         ).fetchall()
         return [
-            Event(EventKind(kind), key, None if value is None else json.loads(value), int(revision))
+            Event(EventKind(kind), key, None if value is None else decode_value(key, value), int(revision))
             for revision, key, kind, value in rows
         ]
 
@@ -261,7 +262,7 @@ class SqliteDatastore:
                 (len(prefix), prefix),
             ).fetchall()
             revision = self._meta("revision")
-        return Snapshot([KV(key, json.loads(value), int(rev)) for key, value, rev in rows], revision)
+        return Snapshot([KV(key, decode_value(key, value), int(rev)) for key, value, rev in rows], revision)
 
     def watch(self, prefix: str, after_revision: int, timeout_s: float) -> builtins.list[Event]:
         deadline = time.monotonic() + timeout_s

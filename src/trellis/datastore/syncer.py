@@ -107,6 +107,11 @@ class Syncer:
         self._thread = threading.Thread(target=self._run, name=f"syncer {self.prefix}", daemon=True)
         self._thread.start()
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread `start()` runs steps on; None before it and after `stop()`."""
+        return self._thread
+
     def stop(self) -> None:
         """Stop following; returns once the current step ends (at most a watch time-out away)."""
         self._stopping.set()

@@ -163,7 +163,7 @@ class Table:
             return self._replace(nft, desired, None)
         if commands:
             try:
-                self._commit(nft, commands)
+                self._commit(nft, commands, whole=False)
             except NftError as err:
                 return self._replace(nft, desired, str(err))
         self.held = desired
@@ -172,17 +172,20 @@ class Table:
     def _replace(self, nft: Nft, desired: NftTable, refused: str | None) -> Programmed:
         self.held = None
         batch = desired.commands(self.counters(nft))
-        self._commit(nft, batch)
+        self._commit(nft, batch, whole=True)
         self.held = desired
         return Programmed(replaced=True, commands=len(batch), refused=refused)
 
-    def _commit(self, nft: Nft, commands: list[dict[str, Any]]) -> None:
-        """One transaction, noting the generation it made when no one else's came between."""
+    def _commit(self, nft: Nft, commands: list[dict[str, Any]], whole: bool) -> None:
+        """One transaction, noting the generation it made when no one else's came between, nor,
+        for an update (not `whole`, a replace), any since our last: an update leaves alone what
+        someone else changed in the table, so the next resync must still see it happened."""
         before = nft.generation()
+        unbroken = whole or before == self._generation
         self._generation = None
         nft.apply(commands)
         after = nft.generation()
-        self._generation = after if after == before + 1 else None
+        self._generation = after if unbroken and after == before + 1 else None
 
     @staticmethod
     def counters(nft: Nft) -> Counters:

@@ -52,7 +52,8 @@ POSTROUTING = "postrouting"
 MAPS = {Direction.EGRESS: "egress", Direction.INGRESS: "ingress"}
 """Verdict map per direction: host interface -> jump to that pod's first tier chain."""
 COMMENT_MAX = 128
-"""nftables' limit on a comment's length."""
+"""nftables' limit on a comment's length, in bytes (libnftables aborts its process on a comment
+of some 250 bytes instead of refusing it)."""
 
 Json = dict[str, Any]
 Counters = Mapping[tuple[str, str, int], Mapping[str, int]]
@@ -161,7 +162,8 @@ def update_commands(held: NftTable, desired: NftTable) -> list[Json] | None:
 
     Order matters within the transaction: elements are removed before any is added (an address
     interval may give way to an overlapping one), chains exist before map elements and rules
-    jump to them, and a chain or set is deleted only once nothing refers to it.
+    jump to them, and a chain or set is deleted only once nothing refers to it: a removed chain is
+    emptied, then removed sets and maps go (a verdict map's elements jump to chains), then the chain.
     """
     sets = _Delta(held.sets, desired.sets)
     chains = _Delta(held.chains, desired.chains)
@@ -186,8 +188,8 @@ def update_commands(held: NftTable, desired: NftTable) -> list[Json] | None:
             out.append({"add": {"element": s.some(name, new)}})
     out += [{"add": {"rule": rule}} for _, c in (*chains.added, *chains.changed) for rule in c.rules]
     out += [{"flush": {"chain": _in_table(name=name)}} for name in chains.removed]
-    out += [{"delete": {"chain": _in_table(name=name)}} for name in chains.removed]
     out += [{"delete": {held.sets[name].kind: _in_table(name=name)}} for name in sets.removed]
+    out += [{"delete": {"chain": _in_table(name=name)}} for name in chains.removed]
     return out
 
 
@@ -245,7 +247,9 @@ _ADDRESSES = {"type": "ipv4_addr", "flags": ["interval"]}
 
 
 def _addresses(nets: Iterable[ipaddress.IPv4Network]) -> NftSet:
-    return NftSet("set", _ADDRESSES, tuple(sorted(nets)), _address)
+    """An interval set of `nets`, overlapping or adjacent ones as one: nftables refuses overlaps
+    (a node address inside a pool, say), and with them the whole table."""
+    return NftSet("set", _ADDRESSES, tuple(ipaddress.collapse_addresses(nets)), _address)
 
 
 _COUNTER = {"counter": {"packets": 0, "bytes": 0}}
@@ -267,17 +271,23 @@ def _match(left: Any, right: Any, op: str = "==") -> Json:
 
 def _rule(chain: str, comment: str, *expr: Json) -> Json:
     """A rule with a counter before its verdict (the last expression)."""
-    return _in_table(chain=chain, comment=comment[:COMMENT_MAX], expr=[*expr[:-1], _COUNTER, expr[-1]])
+    return _in_table(chain=chain, comment=_clipped(comment), expr=[*expr[:-1], _COUNTER, expr[-1]])
+
+
+def _clipped(comment: str) -> str:
+    """The comment cut to COMMENT_MAX bytes of UTF-8, on a character boundary (a lone surrogate,
+    which UTF-8 cannot hold, becomes `?`)."""
+    return comment.encode(errors="replace")[:COMMENT_MAX].decode(errors="ignore")
 
 
 def rule_comment(rule: Rule) -> str:
     """The comment of the nftables rules a policy rule becomes: `admin no-y ingress[0] deny-y: Deny`."""
-    return f"{rule.origin}: {rule.action}"[:COMMENT_MAX]
+    return _clipped(f"{rule.origin}: {rule.action}")
 
 
 def default_comment(tier: Tier) -> str:
     """The comment of a tier chain's last rule, met when no rule matched: `networkpolicy x/a default deny`."""
-    return tier.default_description[:COMMENT_MAX]
+    return _clipped(tier.default_description)
 
 
 def fail_closed_comment(direction: Direction) -> str:
