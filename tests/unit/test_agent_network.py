@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.agent_controller import Clock, unstarted_controller
 from trellis.agent.config import AgentConfig
-from trellis.agent.network import ClusterView, NetworkController
+from trellis.agent.network import ClusterView
 from trellis.calc.cluster import parse_cluster
-from trellis.dataplane.kernel.netlink import SocketPool
 from trellis.datastore.base import KV, Event, EventKind
-from trellis.datastore.sqlite import SqliteDatastore
-from trellis.ipam.allocator import Ipam
 from trellis.model.ipam import INTERNAL_PREFIX, Allocation, Attachment, Block
 from trellis.model.k8s import NODE_PREFIX as K8S_NODE_PREFIX
 from trellis.model.node import Node
@@ -73,14 +71,6 @@ def test_node_deletion_reaches_the_cluster() -> None:
     assert NODE.key not in objects
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.mark.parametrize(
     ("listed", "pods", "released"),
     [
@@ -96,18 +86,8 @@ def test_blocks_of_an_absent_node_go_back_after_the_grace_unless_its_pods_may_st
 ) -> None:
     """An agent crash-looping past the grace keeps the addresses its running pods hold, as long as
     the cluster lists its Node; a deleted Node's blocks go back to the pool."""
-    store = SqliteDatastore(tmp_path / "db")
+    clock = Clock(0.0)
     config = AgentConfig(node="node-1", state_dir=tmp_path, dead_node_grace_s=60)
-    clock = Clock()
-    controller = NetworkController(
-        config,
-        store,
-        Ipam(store, "node-1", config.pools, config.block_prefixlen),
-        SocketPool(),
-        ("up0", ipaddress.IPv4Interface("172.31.0.11/24")),
-        1450,
-        clock=clock,
-    )
     block = Block(ipaddress.IPv4Network("10.244.0.64/26"), "node-2").with_allocation(
         ipaddress.IPv4Address("10.244.0.64"), Allocation(Attachment(INTERNAL_PREFIX + "vtep", "vxlan"), "")
     )
@@ -115,9 +95,10 @@ def test_blocks_of_an_absent_node_go_back_after_the_grace_unless_its_pods_may_st
         block = block.with_allocation(
             ipaddress.IPv4Address("10.244.0.65"), Allocation(Attachment("c", "eth0"), "x/a")
         )
-    store.create(block.key, block.to_json())
     objects = {block.key: block.to_json(), **({K8S_NODE_PREFIX + "node-2": {}} if listed else {})}
-    try:
+    with unstarted_controller(config, clock) as controller:
+        store = controller.store
+        store.create(block.key, block.to_json())
         for now in (0.0, 59.0):
             clock.now = now
             controller._release_dead_blocks(parse_cluster(objects), objects)
@@ -125,35 +106,21 @@ def test_blocks_of_an_absent_node_go_back_after_the_grace_unless_its_pods_may_st
         clock.now = 61.0
         controller._release_dead_blocks(parse_cluster(objects), objects)
         assert (store.get(block.key) is None) == released
-    finally:
-        store.close()
 
 
 def test_a_dead_nodes_block_already_claimed_by_another_node_is_left_alone(tmp_path: Path) -> None:
     """Another agent may have released the dead node's block, and a third node claimed it, before
     this agent's view shows either: the block the store holds now is the new owner's, with its
     pods, and must not go back to the pool."""
-    store = SqliteDatastore(tmp_path / "db")
+    clock = Clock(0.0)
     config = AgentConfig(node="node-1", state_dir=tmp_path, dead_node_grace_s=60)
-    clock = Clock()
-    controller = NetworkController(
-        config,
-        store,
-        Ipam(store, "node-1", config.pools, config.block_prefixlen),
-        SocketPool(),
-        ("up0", ipaddress.IPv4Interface("172.31.0.11/24")),
-        1450,
-        clock=clock,
-    )
     cidr = ipaddress.IPv4Network("10.244.0.64/26")
     seen = Block(cidr, "node-2")  # what the view still holds: the dead node's
     now = Block(cidr, "node-3").with_allocation(cidr[1], Allocation(Attachment("c", "eth0"), "x/a"))
-    store.create(now.key, now.to_json())
     objects = {seen.key: seen.to_json()}
-    try:
+    with unstarted_controller(config, clock) as controller:
+        controller.store.create(now.key, now.to_json())
         for clock.now in (0.0, 61.0):
             controller._release_dead_blocks(parse_cluster(objects), objects)
-        kv = store.get(now.key)
+        kv = controller.store.get(now.key)
         assert kv is not None and Block.from_json(kv.value) == now
-    finally:
-        store.close()

@@ -5,13 +5,10 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+from tests.unit.agent_controller import unstarted_controller
 from tests.unit.policy_cluster import base_objects, datastore_key, match, network_policy, pod_ip
 from trellis.agent.config import AgentConfig
-from trellis.agent.network import NetworkController
 from trellis.calc.policy import TierKind
-from trellis.dataplane.kernel.netlink import SocketPool
-from trellis.datastore.sqlite import SqliteDatastore
-from trellis.ipam.allocator import Ipam
 from trellis.model.ipam import Allocation, Attachment, Block
 from trellis.model.naming import host_veth_name
 
@@ -30,20 +27,8 @@ def test_both_attachments_of_one_pod_get_its_policy(tmp_path: Path) -> None:
     )
     objects = {datastore_key(o): o for o in (*base_objects(), isolating)}
     objects[block.key] = block.to_json()
-    store = SqliteDatastore(tmp_path / "db")
-    config = AgentConfig(node="node-1", state_dir=tmp_path)
-    try:
-        controller = NetworkController(
-            config,
-            store,
-            Ipam(store, "node-1", config.pools, config.block_prefixlen),
-            SocketPool(),
-            ("up0", ipaddress.IPv4Interface("172.31.0.11/24")),
-            1450,
-        )
+    with unstarted_controller(AgentConfig(node="node-1", state_dir=tmp_path)) as controller:
         state = controller._policy(objects, controller._local_endpoints(objects))
-    finally:
-        store.close()
     assert state.problems == ()
     assert set(state.endpoints) == {host_veth_name(stale), host_veth_name(live)}
     for policy in state.endpoints.values():

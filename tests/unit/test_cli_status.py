@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_metrics import BLOCK, Clock, publish, unstarted_controller
+from tests.unit.agent_controller import Clock, publish, unstarted_controller
+from tests.unit.test_metrics import BLOCK
 from trellis.agent.config import AgentConfig
 from trellis.cli.main import build_parser
 from trellis.cli.status import STALE_PERIODS, staleness

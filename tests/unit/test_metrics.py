@@ -11,7 +11,6 @@ import sqlite3
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import cni_env, net_conf, wait_until
+from tests.unit.agent_controller import Clock, publish, unstarted_controller
 from tests.unit.test_cni_service import Agent
 from trellis.agent.config import AgentConfig
 from trellis.agent.http import NOT_FOLLOWING, AgentHttpServer, Health, serving
 from trellis.agent.metrics import AgentMetrics
 from trellis.agent.network import READY_LAG_S, ClusterView, NetworkController
-from trellis.dataplane.kernel.netlink import SocketPool
 from trellis.datastore.base import KV, Event, EventKind
-from trellis.datastore.sqlite import SqliteDatastore
 from trellis.ipam.allocator import Ipam
 from trellis.model.ipam import Allocation, Attachment, Block
 from trellis.model.node import STATUS_FILE, Node
@@ -48,14 +46,6 @@ def scrape(metrics: AgentMetrics) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- CNI requests ------------------------------------------------------------------------------
@@ -204,28 +194,6 @@ def test_openmetrics_when_the_scraper_asks_for_it() -> None:
 BLOCK = Block(ipaddress.IPv4Network("10.244.0.0/26"), "node-1").with_allocation(
     ipaddress.IPv4Address("10.244.0.1"), Allocation(Attachment("c1", "eth0"), "default/a")
 )
-
-
-@contextmanager
-def unstarted_controller(config: AgentConfig, clock: Clock) -> Iterator[NetworkController]:
-    """A network controller over SQLite that is never started: nothing touches the kernel."""
-    store = SqliteDatastore(config.state_dir / "trellis.db")
-    ipam = Ipam(store, config.node, config.pools, config.block_prefixlen)
-    uplink = ("trlt-up", ipaddress.IPv4Interface("172.31.0.11/24"))
-    try:
-        yield NetworkController(config, store, ipam, SocketPool(), uplink, 1450, clock=clock)
-    finally:
-        store.close()
-
-
-def publish(network: NetworkController, revision: int, objects: dict[str, dict[str, Any]]) -> None:
-    """Deliver `objects` as a snapshot at `revision`, then compute the policy and end a pass as
-    reconcile() does (which would also program the kernel): status.json written, the revision
-    programmed."""
-    network.view.on_snapshot([KV(key, item, revision) for key, item in objects.items()], revision)
-    local = network._local_endpoints(objects)
-    policy = network._policy(objects, local) if network.config.policy else None
-    network._publish(revision, objects, local, policy)
 
 
 @pytest.fixture
