@@ -24,6 +24,8 @@ import copy
 import ipaddress
 import json
 import math
+import re
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -340,6 +342,52 @@ def test_a_missing_object_is_none_and_a_refusal_is_a_permanent_error(replay: Rep
             away.get(BLOCK)
     finally:
         away.close()
+
+
+@pytest.fixture
+def silent_kubeconfig(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A kubeconfig naming a real server on 127.0.0.1 that takes connections (the kernel
+    completes them into its backlog) and never answers; and that server's address."""
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        server = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        config = yaml.safe_load(KUBECONFIG.read_text())
+        config["clusters"][0]["cluster"]["server"] = server
+        kubeconfig = tmp_path / "kubeconfig.yaml"
+        kubeconfig.write_text(yaml.safe_dump(config))
+        yield kubeconfig, server
+    finally:
+        listener.close()
+
+
+def test_a_server_that_never_answers_fails_an_ipam_request_within_seconds(
+    silent_kubeconfig: tuple[Path, str],
+) -> None:
+    """A CNI ADD waits on IPAM's reads, writes and lists of blocks: against an API server that accepted the
+    connection and hangs, each fails as Unavailable naming the server and the request, within
+    one short time-out. The first one also looks for expired leases, with the same time-out,
+    and fails with that request rather than waiting twice. (A bound on a failure path, generous
+    for a loaded machine; not a measure of speed.)"""
+    kubeconfig, server = silent_kubeconfig
+    store = KubernetesDatastore(str(kubeconfig), sweep_interval_s=3600)
+    where = re.escape(server)
+    try:
+        began = time.monotonic()
+        with pytest.raises(Unavailable, match=rf"{where}: GET {LEASES_PATH}: ReadTimeout"):
+            store.get(BLOCK)
+        assert time.monotonic() - began < 8.0
+        began = time.monotonic()
+        with pytest.raises(Unavailable, match=rf"{where}: POST apis/trellis\.dev/v1/ipamblocks: ReadTimeout"):
+            store.create(BLOCK, BLOCK_VALUE)
+        assert time.monotonic() - began < 8.0
+        began = time.monotonic()
+        with pytest.raises(Unavailable, match=rf"{where}: GET apis/trellis\.dev/v1/ipamblocks: ReadTimeout"):
+            store.list(BLOCK_PREFIX)
+        assert time.monotonic() - began < 8.0
+    finally:
+        store.close()
 
 
 # -- a fake API server ---------------------------------------------------------------------

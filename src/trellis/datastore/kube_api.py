@@ -33,6 +33,15 @@ CONNECT_TIMEOUT_S = 2.0
 """Seconds to reach the API server: a CNI ADD waits on IPAM's requests, and an unreachable
 server should answer "try again later" soon."""
 
+TIMEOUT_S = 3.0
+"""Seconds a request for one object may wait on each read of its answer (and on writing it):
+as the etcd store's, so that a CNI ADD meets a server that accepted the connection but does
+not answer with `Unavailable` within seconds. The wait restarts at each chunk of an answer."""
+
+LIST_TIMEOUT_S = 10.0
+"""The same for a page of a list of one of the cluster's kinds: a page of 500 Pods from a busy
+API server may well take longer than one object."""
+
 
 class ApiFailure(DatastoreError):
     """The API server answered with a failure `Status`."""
@@ -109,10 +118,16 @@ class ApiClient:
     """One API server, reached as a kubeconfig file (or, with none, the service account) says."""
 
     def __init__(
-        self, kubeconfig: str = "", *, transport: httpx2.BaseTransport | None = None, timeout_s: float = 10.0
+        self,
+        kubeconfig: str = "",
+        *,
+        transport: httpx2.BaseTransport | None = None,
+        timeout_s: float = TIMEOUT_S,
+        list_timeout_s: float = LIST_TIMEOUT_S,
     ) -> None:
         """`kubeconfig`: a file; empty: in-cluster (the pod's service account), else KUBECONFIG or
-        ~/.kube/config as lightkube's default. `transport` replaces the network (tests)."""
+        ~/.kube/config as lightkube's default. `transport` replaces the network (tests).
+        `timeout_s`, `list_timeout_s`: seconds, as `TIMEOUT_S` and `LIST_TIMEOUT_S` say."""
         where = kubeconfig or "in-cluster configuration"
         try:
             config = (KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()).get()
@@ -127,6 +142,7 @@ class ApiClient:
         self.namespace = config.namespace
         """The namespace of the configuration: the pod's own in-cluster."""
         self.timeout_s = timeout_s
+        self.list_timeout_s = list_timeout_s
 
     @staticmethod
     def _timeout(timeout_s: float, read_s: float) -> httpx2.Timeout:
@@ -138,14 +154,15 @@ class ApiClient:
         path: str,
         params: dict[str, str],
         body: dict[str, Any] | None,
-        stream_read_s: float | None = None,
+        read_s: float,
+        *,
+        stream: bool = False,
     ) -> httpx2.Response:
-        """The response; streamed, with reads waiting up to `stream_read_s`, when that is given."""
-        timeout = None if stream_read_s is None else self._timeout(self.timeout_s, stream_read_s)
+        """The response, its reads waiting up to `read_s` seconds each; streamed when `stream`."""
+        timeout = self._timeout(self.timeout_s, read_s)
         request = self._client.build_adapter_request(
             BasicRequest(method, path, params=params, data=body, timeout=timeout)
         )
-        stream = stream_read_s is not None
         try:
             response: httpx2.Response = self._client.send(request, stream=stream)
             return response
@@ -163,9 +180,11 @@ class ApiClient:
         *,
         params: dict[str, str] | None = None,
         body: dict[str, Any] | None = None,
+        read_s: float | None = None,
     ) -> dict[str, Any]:
-        """One request; the JSON object answered."""
-        response = self._send(method, path, params or {}, body)
+        """One request; the JSON object answered. Its reads wait up to `read_s` seconds each
+        (None: `timeout_s`, for one object or a short list)."""
+        response = self._send(method, path, params or {}, body, self.timeout_s if read_s is None else read_s)
         self._check(response, f"{method} {path}")
         answer: dict[str, Any] = response.json()
         return answer
@@ -177,7 +196,7 @@ class ApiClient:
         A read waits up to `read_s` seconds: longer than the server keeps a quiet watch open, so
         that only a connection gone dead times out (Unavailable)."""
         params = {**params, "watch": "true"}
-        response = self._send("GET", path, params, None, stream_read_s=read_s)
+        response = self._send("GET", path, params, None, read_s, stream=True)
         try:
             try:
                 self._check(response, f"watch {path}")

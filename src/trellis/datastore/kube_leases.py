@@ -14,7 +14,9 @@ and so does one that could not read the Leases: while the API server is away nob
 renew, and a lease must not be held against its agent for that (etcd, likewise, gives every
 lease a full TTL when it elects a leader). Stores look at the Leases at most every
 `sweep_interval_s`, before any operation (as the SQLite store sweeps before each), so that
-leases expire without a thread of their own.
+leases expire without a thread of their own, and a reader never sees the keys of a lease
+expired longer than that ago. The sweep's requests take the short time-out of one object's;
+one that times out fails the operation with it, rather than doubling its wait.
 
 Expiring is three steps, each safe to repeat and to race:
 1. mark: delete the Lease with a precondition on the resourceVersion judged stale. The
@@ -44,6 +46,8 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+import httpx2
 
 from trellis.datastore.base import DatastoreError, LeaseExpired, Unavailable
 from trellis.datastore.kube_api import ApiClient, ApiFailure, delete_options
@@ -167,7 +171,9 @@ class Leases:
     def sweep_if_due(self) -> None:
         """Expire the Leases nobody renewed, at most every `sweep_interval_s`.
 
-        A failure is logged, not raised: it must not fail the operation that happened to sweep.
+        A failure is logged, not raised: it must not fail the operation that happened to sweep;
+        except a time-out, which is `Unavailable`: the server took the request and did not
+        answer, and the operation would wait on it as long again (a CNI ADD must hear soon).
         """
         now = self.clock()
         if now < self._next_sweep or not self._sweeping.acquire(blocking=False):
@@ -178,6 +184,8 @@ class Leases:
         except DatastoreError as err:
             log.warning("expiring leases in %s: %s", self.collection, err)
             self._seen.clear()  # what was seen before an outage says nothing about renewals during it
+            if isinstance(err.__cause__, httpx2.TimeoutException):
+                raise Unavailable(f"looking for expired leases: {err}") from err
         finally:
             self._sweeping.release()
 

@@ -42,7 +42,7 @@ from trellis.datastore.base import (
     Snapshot,
     Unavailable,
 )
-from trellis.datastore.kube_api import ApiClient, ApiFailure, delete_options
+from trellis.datastore.kube_api import LIST_TIMEOUT_S, TIMEOUT_S, ApiClient, ApiFailure, delete_options
 from trellis.datastore.kube_leases import Leases
 from trellis.datastore.kube_resources import API_VERSION, Resource, resource_for, resources_under, revision
 from trellis.datastore.kube_watch import Follower
@@ -60,17 +60,21 @@ class KubernetesDatastore:
         *,
         transport: httpx2.BaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
-        timeout_s: float = 10.0,
+        timeout_s: float = TIMEOUT_S,
+        list_timeout_s: float = LIST_TIMEOUT_S,
         watch_timeout_s: int = 300,
         sweep_interval_s: float = 5.0,
         page_size: int = 500,
     ) -> None:
         """`kubeconfig`: a file, empty for in-cluster; `transport` replaces the network (tests);
-        `clock` judges lease expiry (seconds); `timeout_s` bounds a request; `watch_timeout_s`
+        `clock` judges lease expiry (seconds); `timeout_s` bounds each read of a request for one
+        object, `list_timeout_s` of a page of a list (seconds, see `kube_api`); `watch_timeout_s`
         is how long the server keeps a watch open before it is reopened; `sweep_interval_s`
         how often expired leases are looked for (math.inf: never); `page_size` the objects per
         list request."""
-        self.api = ApiClient(kubeconfig, transport=transport, timeout_s=timeout_s)
+        self.api = ApiClient(
+            kubeconfig, transport=transport, timeout_s=timeout_s, list_timeout_s=list_timeout_s
+        )
         self.leases = Leases(self.api, clock, sweep_interval_s)
         self.watch_timeout_s = watch_timeout_s
         self.page_size = page_size
@@ -115,13 +119,16 @@ class KubernetesDatastore:
 
         An optional resource the server does not serve is empty (and says nothing of revisions).
         """
+        # Trellis' own kinds are small, and IPAM lists its blocks on a CNI ADD's path: the short
+        # time-out; the cluster's kinds (every Pod) the list one.
+        read_s = self.api.timeout_s if resource.api_version == API_VERSION else self.api.list_timeout_s
         params = {"limit": str(self.page_size)}
         if at is not None:
             params |= {"resourceVersion": str(at), "resourceVersionMatch": "Exact"}
         objects: builtins.list[dict[str, Any]] = []
         while True:
             try:
-                page = self.api.call("GET", resource.collection_path(), params=params)
+                page = self.api.call("GET", resource.collection_path(), params=params, read_s=read_s)
             except ApiFailure as err:
                 if err.status.expired:
                     raise Compacted(
