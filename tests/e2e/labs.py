@@ -42,6 +42,14 @@ def netns_names() -> set[str]:
     return {path.name for path in Path("/run/netns").iterdir()}
 
 
+def rx_packets(netns: str) -> int:
+    """Packets eth0 of namespace `netns` (a pod's) has received."""
+    out = subprocess.run(
+        ["ip", "-n", netns, "-s", "-j", "link", "show", "eth0"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
+
+
 def pods_manifest(placement: dict[str, str]) -> str:
     """Pods of namespace `default`, each on the node given (name -> node)."""
     return "".join(
@@ -90,15 +98,17 @@ class Lab:
         """`trellis policy COMMAND --name LAB ARGS --output json`, parsed."""
         return json.loads(self.run(command, *args, "--output", "json", group="policy"))
 
+    def revisions(self) -> dict[str, int]:
+        """The datastore revision each node's agent reports its kernel reflects (its status.json)."""
+        paths = (LAB_ROOT / self.name / "nodes").glob(f"*/{STATUS_FILE}")
+        return {path.parent.name: int(json.loads(path.read_text())["revision"]) for path in paths}
+
     def programmed(self, revision: int, timeout_s: float = 10.0) -> None:
         """Wait until every node's agent reports that its kernel reflects datastore revision `revision`."""
-
-        def reported() -> list[int]:
-            paths = (LAB_ROOT / self.name / "nodes").glob(f"*/{STATUS_FILE}")
-            return [json.loads(path.read_text())["revision"] for path in paths]
-
         wait_until(
-            lambda: min(reported()) >= revision, timeout_s, f"every agent to program revision {revision}"
+            lambda: min(self.revisions().values()) >= revision,
+            timeout_s,
+            f"every agent to program revision {revision}",
         )
 
     def status(self) -> dict[str, Any]:

@@ -18,13 +18,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.labs import ASK, TRELLIS, Lab, built, pods_manifest
+from tests.e2e.labs import ASK, TRELLIS, Lab, built, pods_manifest, rx_packets
 from tests.helpers import wait_until
 from trellis.lab.frr import FRR_TMP
 from trellis.lab.process import ProcessRef
@@ -108,7 +107,8 @@ def test_mesh_routes_pods_survives_an_agent_kill_and_withdraws_a_removed_node(tm
             text=True,
         )
         try:
-            time.sleep(0.5)
+            flowing = rx_packets(p2["netns"]) + 10
+            wait_until(lambda: rx_packets(p2["netns"]) >= flowing, ESTABLISH_S, "the ping to flow")
             os.kill(old, signal.SIGKILL)
             wait_until(
                 lambda: lab.node("node-1")["agent_pid"] not in (None, old) and lab.node("node-1")["ready"],
@@ -134,13 +134,11 @@ def test_mesh_routes_pods_survives_an_agent_kill_and_withdraws_a_removed_node(tm
         # A removed node is withdrawn from the others within WITHDRAW_S.
         p3 = lab.pod("default/p3")["ip"]
         lab.run("node remove", "node-3")
-        started = time.monotonic()
         wait_until(
             lambda: not any(routed_by_bird(lab, n, p3) for n in ("node-1", "node-2")),
             WITHDRAW_S,
             "node-3's block to be withdrawn",
         )
-        assert time.monotonic() - started < WITHDRAW_S
         del pods["p3"]
         assert converged(lab, pods)
 

@@ -10,7 +10,6 @@ only across subnets with vxlan-cross-subnet. Every lab is removed afterwards, ev
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.labs import LAB_ROOT, TRELLIS, built, netns_names, pods_manifest
+from tests.e2e.labs import LAB_ROOT, TRELLIS, built, netns_names, pods_manifest, rx_packets
 from tests.helpers import wait_until
 from trellis.datastore.sqlite import SqliteDatastore
 
@@ -38,14 +37,6 @@ REMOVED_ROUTES = re.compile(r"routes: \d+ added, [1-9]\d* removed")
 
 def all_reachable(matrices: list[dict[str, Any]]) -> bool:
     return all(ok for m in matrices for row in m["matrix"].values() for ok in row.values())
-
-
-def rx_packets(netns: str) -> int:
-    """Packets the pod's eth0 has received."""
-    out = subprocess.run(
-        ["ip", "-n", netns, "-s", "-j", "link", "show", "eth0"], capture_output=True, text=True, check=True
-    ).stdout
-    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
 
 
 @pytest.mark.parametrize(

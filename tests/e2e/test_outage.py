@@ -31,11 +31,11 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.labs import LAB_ROOT, TRELLIS, Lab, built
+from tests.e2e.labs import TRELLIS, Lab, built, rx_packets
 from tests.helpers import stored_allocations, wait_until
 from trellis.datastore import Datastore
 from trellis.model.ipam import BLOCK_PREFIX
-from trellis.model.node import NODE_PREFIX, STATUS_FILE
+from trellis.model.node import NODE_PREFIX
 
 pytestmark = [
     pytest.mark.e2e,
@@ -99,13 +99,6 @@ def held(store: Datastore) -> dict[str, Any]:
             (node, str(address), a.container_id) for node, address, a in stored_allocations(store)
         },
     }
-
-
-def rx_packets(netns: str) -> int:
-    out = subprocess.run(
-        ["ip", "-n", netns, "-s", "-j", "link", "show", "eth0"], capture_output=True, text=True, check=True
-    ).stdout
-    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
 
 
 @contextmanager
@@ -185,7 +178,7 @@ def test_an_etcd_outage_keeps_traffic_and_policy_and_loses_nothing(lab: Lab) -> 
     before = lab.datastore(held)
     before_kernel = {node: kernel(lab, node) for node in NODES}
     before_agents = agents(lab)
-    programmed = min(programmed_revisions(lab).values())
+    programmed = min(lab.revisions().values())
     with pinging(lab, "default/a", "default/b") as ping:
         assert "etcd stopped" in lab.run("datastore stop")
         stopped = time.monotonic()
@@ -212,7 +205,7 @@ def test_an_etcd_outage_keeps_traffic_and_policy_and_loses_nothing(lab: Lab) -> 
     assert received == transmitted, f"{transmitted - received} of {transmitted} pings lost"
     assert transmitted >= OUTAGE_S / 0.05 * 0.5, "the ping ran through the outage"
 
-    revisions = programmed_revisions(lab)
+    revisions = lab.revisions()
     assert min(revisions.values()) > programmed, f"every agent follows etcd again: {revisions}"
     pods = [*PODS, "default/d"]
     assert tcp_matrix(lab) == expected(pods), "the new pod reaches all it may; the policy still holds"
@@ -254,11 +247,3 @@ def test_an_agent_that_lost_its_lease_registers_again(lab: Lab) -> None:
     assert lab.node("node-3")["agent_pid"] == agent
     assert "node lease expired: registering again" in lab.agent_log("node-3")
     assert tcp_matrix(lab) == expected([p["name"] for p in lab.status()["pods"]])
-
-
-def programmed_revisions(lab: Lab) -> dict[str, int]:
-    """The datastore revision each node's agent reports its kernel reflects (status.json)."""
-    return {
-        node: int(json.loads((LAB_ROOT / lab.name / "nodes" / node / STATUS_FILE).read_text())["revision"])
-        for node in NODES
-    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from tests.unit.agent_controller import Clock, publish, unstarted_controller
 from tests.unit.test_metrics import BLOCK
 from trellis.agent.config import AgentConfig
 from trellis.cli.main import build_parser
-from trellis.cli.status import STALE_PERIODS, staleness
+from trellis.cli.status import STALE_PERIODS, staleness, with_age
 from trellis.model.ipam import Block
 from trellis.model.k8s import NETWORK_POLICY_PREFIX, POD_PREFIX
 from trellis.model.node import STATUS_FILE
@@ -69,7 +70,7 @@ def test_json_has_what_the_agent_reported_with_its_age(
     assert shown["blocks"] == [{"cidr": "10.244.0.0/26", "used": 1, "size": 64}], "only this node's blocks"
     assert (shown["endpoints"], shown["endpoints_with_policy"], shown["problems"]) == (1, 1, [])
     assert shown["policies"] == {"networkpolicies": 1, "clusternetworkpolicies": 0}
-    assert shown["stale"] is False and 0 <= shown["age_s"] < 60
+    assert shown["stale"] is False and shown["age_s"] >= 0
 
 
 def test_text_summarises_sync_blocks_endpoints_and_policy(
@@ -113,13 +114,19 @@ def test_a_stale_status_is_shown_but_fails(tmp_path: Path, capsys: pytest.Captur
     assert status_command("--state-dir", str(tmp_path), "--output", "json") == 1
     captured = capsys.readouterr()
     assert json.loads(captured.out)["stale"] is True
-    assert "stale: the agent of node node-1 last reported 100 s ago (it does every 3.0 s)" in captured.err
+    assert re.search(
+        r"stale: the agent of node node-1 last reported \d+ s ago \(it does every 3\.0 s\)", captured.err
+    )
 
 
 def test_stale_after_the_agents_periods() -> None:
     status = {"node": "n", "written_at": 1000.0, "period_s": 2.0}
     assert staleness(status, 1000.0 + STALE_PERIODS * 2.0) is None
     assert staleness(status, 1000.1 + STALE_PERIODS * 2.0) is not None
+    assert (staleness(status, 1100.0) or "").startswith(
+        "the agent of node n last reported 100 s ago (it does every 2.0 s)"
+    )
+    assert with_age(status, 1002.5) == {**status, "age_s": 2.5, "stale": False}
 
 
 @pytest.mark.parametrize(

@@ -141,9 +141,10 @@ def test_watch_from_before_compaction_raises_compacted(backend: Backend) -> None
     assert [e.mod_revision for e in backend.watch_until("/c/", last, 1)] == [rev]
 
 
-def test_expired_lease_deletes_its_keys_at_one_revision(backend: Backend) -> None:
-    """Keys bound to a lease that nobody renews disappear, with DELETE events at one revision;
-    the gone lease can neither be renewed nor bound to."""
+def expire_a_lease(backend: Backend) -> list[Event]:
+    """Binds `/l/a` and `/l/b` to a lease that nobody renews and lets it expire: only `/l/keep`
+    is left, the gone lease can neither be renewed nor bound to, and a write under it is not
+    kept. The DELETE events of the lease's keys, in watch order."""
     store = backend.store
     lease = store.grant_lease(1)
     assert lease != 0
@@ -154,12 +155,20 @@ def test_expired_lease_deletes_its_keys_at_one_revision(backend: Backend) -> Non
     backend.wait_until(lambda: store.get("/l/a") is None, "the lease's keys to be deleted")
     assert [kv.key for kv in store.list("/l/")] == ["/l/keep"]
     deletes = [e for e in backend.watch_until("/l/", start, 4) if e.kind is DELETE]
-    assert [e.key for e in deletes] == ["/l/a", "/l/b"]
-    assert deletes[0].mod_revision == deletes[1].mod_revision
     with pytest.raises(LeaseExpired):
         store.keepalive(lease)
     with pytest.raises(LeaseExpired):
         store.put("/l/c", {}, lease=lease)
+    assert store.get("/l/c") is None
+    return deletes
+
+
+def test_expired_lease_deletes_its_keys_at_one_revision(backend: Backend) -> None:
+    """Keys bound to a lease that nobody renews disappear, with DELETE events at one revision;
+    the gone lease can neither be renewed nor bound to, and a write under it is not kept."""
+    deletes = expire_a_lease(backend)
+    assert [e.key for e in deletes] == ["/l/a", "/l/b"]
+    assert deletes[0].mod_revision == deletes[1].mod_revision
 
 
 def test_keepalive_renews_and_revoke_ends_a_lease(backend: Backend) -> None:

@@ -17,8 +17,6 @@ import os
 import re
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from tests.unit.test_metrics import base_url, get
 from trellis.agent.http import NOT_FOLLOWING, serving
 from trellis.agent.metrics import AgentMetrics
 from trellis.cli.main import build_parser
@@ -234,22 +233,12 @@ def test_the_agents_http_server_answers_both_probe_paths() -> None:
     agent = _container("agent")
     paths = [agent[kind]["httpGet"]["path"] for kind in ("livenessProbe", "readinessProbe")]
     with serving(("127.0.0.1", 0), AgentMetrics(), None) as server:
-        assert server is not None
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        assert [_get(base + path) for path in [*paths, "/nowhere"]] == [
+        base = base_url(server)
+        assert [get(base + path)[::2] for path in [*paths, "/nowhere"]] == [
             (200, "ok\n"),
             (503, NOT_FOLLOWING + "\n"),
             (404, "not found: try /metrics, /healthz or /readyz\n"),
         ]
-
-
-def _get(url: str) -> tuple[int, str]:
-    """(status, body) of a GET."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def test_host_directories_are_mounted_at_their_own_paths() -> None:

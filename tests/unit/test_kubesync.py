@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -138,10 +137,15 @@ class KubeSync:
         return self.mirror.tallies
 
     def step_until(self, condition: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out after {WAIT_S} s waiting for {what}"
+        """Step the Syncer until `condition` holds (WAIT_S at most)."""
+
+        def stepped() -> bool:
+            if condition():
+                return True
             self.syncer.step()
+            return False
+
+        wait_until(stepped, WAIT_S, what)
 
     def close(self) -> None:
         self.source.close()
@@ -154,6 +158,16 @@ def kube_sync(cluster: Cluster, target: EtcdDatastore) -> Iterator[KubeSync]:
         yield sync
     finally:
         sync.close()
+
+
+def restarted(cluster: Cluster, target: EtcdDatastore) -> KubeSync:
+    """A new kube-sync (a process start) after its first step, closed."""
+    again = KubeSync(cluster, target)
+    try:
+        again.syncer.step()
+    finally:
+        again.close()
+    return again
 
 
 def held(target: EtcdDatastore) -> dict[str, dict[str, Any]]:
@@ -243,11 +257,7 @@ def test_a_restart_on_a_target_in_sync_writes_nothing(
     kube_sync.syncer.step()
     kube_sync.close()
     before = revision(target)
-    again = KubeSync(cluster, target)
-    try:
-        again.syncer.step()
-    finally:
-        again.close()
+    again = restarted(cluster, target)
     assert revision(target) == before
     assert again.tallies == [Tally(unchanged=len(cluster.objects()))]
 
@@ -264,11 +274,7 @@ def test_a_restart_writes_what_changed_while_it_was_away(
     cluster.server.apply(pod)
     cluster.server.remove(_listed("namespaces.json")[0])
     before = revision(target)
-    again = KubeSync(cluster, target)
-    try:
-        again.syncer.step()
-    finally:
-        again.close()
+    again = restarted(cluster, target)
     assert held(target) == cluster.objects()
     assert revision(target) == before + 2
     assert again.tallies == [Tally(put=1, deleted=1, unchanged=len(cluster.objects()) - 1)]

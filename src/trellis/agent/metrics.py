@@ -70,15 +70,15 @@ class AgentMetrics:
         self.reconcile_duration = Histogram(
             f"{PREFIX}_reconcile_duration_seconds",
             "Time of one reconcile step, by kind: routes (programming them), bgp (configuring "
-            "BIRD), policy (computing it), nftables (replacing the inet trl table) (seconds).",
+            "BIRD), policy (computing it), nftables (updating the inet trl table) (seconds).",
             ["kind"],
             registry=registry,
             buckets=RECONCILE_BUCKETS_S,
         )
         self.reconcile_errors = Counter(
             f"{PREFIX}_reconcile_errors",
-            "Reconcile passes that failed, by cause: datastore, dataplane or addresses (none "
-            "left for the node's tunnel) (retried on the next change or resync).",
+            "Reconcile passes that failed, by cause: datastore, dataplane, addresses (none "
+            "left for the node's tunnel) or internal (a bug) (retried on the next change or resync).",
             ["cause"],
             registry=registry,
         )

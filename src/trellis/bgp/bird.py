@@ -45,11 +45,14 @@ from trellis.calc.bgp import DesiredBGP
 
 log = logging.getLogger(__name__)
 
+BINARY = "bird"
+"""BIRD's executable, found on PATH (Debian's bird2)."""
 START_TIMEOUT_S = 10.0
 """How long a new BIRD may take to answer on its control socket."""
 STOP_TIMEOUT_S = 10.0
 """How long BIRD may take to exit after `graceful restart` or `down` before it is killed."""
 CONTROL_TIMEOUT_S = 5.0
+"""How long BIRD may take to answer one command on its control socket."""
 WATCH_INTERVAL_S = 0.5
 """How often the watcher looks up from waiting on BIRD to see whether it should stop."""
 MAX_SOCKET_PATH = 107
@@ -93,14 +96,13 @@ class BirdStatus:
 class BirdControl:
     """BIRD's CLI protocol over its unix socket: one connection per command."""
 
-    def __init__(self, path: Path, timeout_s: float = CONTROL_TIMEOUT_S) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.timeout_s = timeout_s
 
     def command(self, line: str) -> list[tuple[int, str]]:
         """Every reply line as (code, text); BirdError on a refusal, OSError when BIRD is not there."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(self.timeout_s)
+            sock.settimeout(CONTROL_TIMEOUT_S)
             sock.connect(str(self.path))
             with sock.makefile("rwb") as stream:
                 _read_reply(stream)  # the greeting, "0001 BIRD 2.0.12 ready."
@@ -177,7 +179,6 @@ class Bird:
         *,
         netns: str | None = None,
         restart_delay_s: float = 1.0,
-        binary: str = "bird",
     ) -> None:
         """`netns`: a network namespace path to run BIRD in instead of the agent's own (tests)."""
         self.config = state_dir / "bird.conf"
@@ -188,7 +189,6 @@ class Bird:
             raise ValueError(f"BIRD control socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes")
         self.control = BirdControl(self.socket)
         self.restart_delay_s = restart_delay_s
-        self.binary = binary
         self._prefix = ["nsenter", f"--net={netns}"] if netns else []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -267,9 +267,7 @@ class Bird:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
-        check = subprocess.run(
-            [self.binary, "-p", "-c", str(staged)], capture_output=True, text=True, check=False
-        )
+        check = subprocess.run([BINARY, "-p", "-c", str(staged)], capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise BirdError(f"BIRD refused the rendered configuration: {check.stderr.strip()}")
         os.replace(staged, self.config)
@@ -284,7 +282,7 @@ class Bird:
         """
         command = [
             *self._prefix,
-            self.binary,
+            BINARY,
             "-f",
             *(["-R"] if self._recover else []),
             "-c",
@@ -304,7 +302,7 @@ class Bird:
                     start_new_session=True,
                 )
             except OSError as err:
-                raise BirdError(f"cannot start {self.binary}: {err}") from None
+                raise BirdError(f"cannot start {BINARY}: {err}") from None
         process = _Process(popen.pid, os.pidfd_open(popen.pid), popen)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():
@@ -327,7 +325,7 @@ class Bird:
         except (OSError, ValueError):
             return None
         process = _Process(pid, pidfd, None)
-        if Path(os.fsdecode(argv[0])).name != "bird" or str(self.socket).encode() not in argv:
+        if Path(os.fsdecode(argv[0])).name != BINARY or str(self.socket).encode() not in argv:
             os.close(pidfd)
             return None
         if not self._answers():  # hung: it would keep the BGP port from the BIRD started next
@@ -405,8 +403,9 @@ class Bird:
                 except BirdError as err:
                     log.error("%s; trying again", err)
 
-    def _log_tail(self, lines: int = 5) -> str:
+    def _log_tail(self) -> str:
+        """The last lines of BIRD's log, on one line."""
         try:
-            return " | ".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+            return " | ".join(self.logfile.read_text(errors="replace").splitlines()[-5:])
         except OSError:
             return "(no log)"

@@ -297,16 +297,12 @@ class EtcdDatastore:
                         events = self._watch_answer(json.loads(line), where)
                         if events:
                             return events
-        except requests.ConnectTimeout as err:
-            raise self._unreachable(where, err) from err
         except requests.ReadTimeout:
             return []
-        except requests.ConnectionError as err:
+        except requests.RequestException as err:
             # A time-out inside the stream arrives wrapped in a ConnectionError.
             if err.args and isinstance(err.args[0], ReadTimeoutError):
                 return []
-            raise self._unreachable(where, err) from err
-        except requests.RequestException as err:
             raise self._unreachable(where, err) from err
         raise Unavailable(f"{where}: the stream ended")
 

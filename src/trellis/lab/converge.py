@@ -64,8 +64,8 @@ def programmed(
     if wait_until(converged, timeout_s, POLL_S):
         return
     late = pending[0].name
-    reported = programmed_revision(paths, late)
-    has = "reports nothing" if reported is None else f"reports revision {reported}"
+    revision = programmed_revision(paths, late)
+    has = "reports nothing" if revision is None else f"reports revision {revision}"
     raise LabError(
         f"{late} did not converge: its agent {has}, not {wanted} or later, after "
         f"{time.monotonic() - started:.0f} s (its agent's log: {log_tail(paths.agent_log(late))})"

@@ -100,9 +100,9 @@ class Nft:
             offset += (size + 3) & ~3
         raise NftError(f"nftables did not tell its ruleset generation (netlink message type {kind})")
 
-    def list_table(self, family: str = FAMILY, name: str = TABLE) -> list[dict[str, Any]]:
-        """The objects of a table as `nft -j list table` gives them (counters included)."""
-        listing = self.run(json.dumps({"nftables": [{"list": {"table": {"family": family, "name": name}}}]}))
+    def list_table(self) -> list[dict[str, Any]]:
+        """The objects of table `inet trl` as `nft -j list table` gives them (counters included)."""
+        listing = self.run(json.dumps({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}))
         objects: list[dict[str, Any]] = json.loads(listing)["nftables"]
         return objects
 
@@ -111,11 +111,6 @@ class Nft:
 def _nft() -> Nft:
     """The process's one context (opened on first use, in the agent's network namespace)."""
     return Nft()
-
-
-def apply(commands: list[dict[str, Any]]) -> None:
-    """Run a batch of libnftables JSON commands as one transaction."""
-    _nft().apply(commands)
 
 
 @dataclass(frozen=True)
